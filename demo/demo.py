@@ -1,0 +1,135 @@
+"""`make run`: phi-guard in front of a toy FHIR API, with a local IdP.
+
+Starts a JWKS server (127.0.0.1:10002) for a freshly made RSA key, an upstream
+(127.0.0.1:10001) and Envoy with the shipped envoy/envoy.yaml (listener
+127.0.0.1:10000, admin 127.0.0.1:9901), prints a token and curl lines to try,
+and stops everything on Ctrl-C. `--smoke` runs those requests itself and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
+from harness import ENVOY_BIN, ENVOY_YAML, REPO, JwksServer, KeyPair, Upstream, http_request, mint
+
+LISTENER, UPSTREAM, JWKS, ADMIN = 10000, 10001, 10002, 9901
+# mint.py signs with the same key, so more tokens work against the running demo.
+KEY_FILE = REPO / ".run" / "demo-key.json"
+
+
+def save_key(key: KeyPair) -> None:
+    KEY_FILE.parent.mkdir(exist_ok=True)
+    KEY_FILE.write_text(json.dumps({"kid": key.kid, "alg": key.alg, "pem": key.private_pem().decode()}))
+    KEY_FILE.chmod(0o600)
+
+
+def load_key() -> KeyPair:
+    saved = json.loads(KEY_FILE.read_text())
+    return KeyPair.from_pem(saved["pem"].encode(), saved["alg"], saved["kid"])
+
+
+def wait_ready(envoy: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if envoy.poll() is not None:
+            sys.exit(f"envoy exited with {envoy.returncode}; see the log above")
+        try:
+            if http_request(ADMIN, "GET", "/ready", timeout=1).text.strip() == "LIVE":
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    sys.exit("envoy did not become ready")
+
+
+def smoke(token: str) -> int:
+    """The printed curl lines, run and checked."""
+    url = "/fhir/Patient/123"
+    checks = [
+        ("GET", url, {"Authorization": f"Bearer {token}"}, 200),
+        ("GET", url, {}, 401),
+        ("DELETE", "/labs/1", {"Authorization": f"Bearer {token}"}, 403),
+    ]
+    failed = 0
+    for method, path, headers, want in checks:
+        got = http_request(LISTENER, method, path, headers).status
+        print(f"{method} {path} -> {got} (want {want})")
+        failed += got != want
+    return 1 if failed else 0
+
+
+def _interrupt(*_):
+    """Ctrl-C, and SIGTERM or SIGINT from a script (a background job ignores
+    SIGINT unless asked), all stop everything cleanly."""
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="run the example requests, then stop")
+    args = parser.parse_args()
+
+    key = KeyPair.rsa("RS256", kid=f"demo-{int(time.time())}")
+    save_key(key)
+    try:
+        jwks, upstream = JwksServer(key, port=JWKS), Upstream(port=UPSTREAM)
+    except OSError as e:
+        sys.exit(f"cannot listen on 127.0.0.1:{JWKS}/{UPSTREAM} ({e}): is another demo running?")
+    # Envoy logs warnings only, so the terminal shows its access log: one line,
+    # with the audit record, per request.
+    envoy = subprocess.Popen(
+        [str(ENVOY_BIN), "-c", str(ENVOY_YAML), "--concurrency", "1", "--use-dynamic-base-id", "--log-level", "warn"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    try:
+        wait_ready(envoy)
+        token = mint(key, scope="read:patient-profile")
+        if args.smoke:
+            return smoke(token)
+        base = f"http://127.0.0.1:{LISTENER}"
+        print(
+            f"""
+phi-guard demo is up: Envoy {base} -> upstream 127.0.0.1:{UPSTREAM}, JWKS 127.0.0.1:{JWKS}
+
+  TOKEN={token}
+
+  # allowed (200): scope read:patient-profile
+  curl -i -H "Authorization: Bearer $TOKEN" {base}/fhir/Patient/123
+  # refused (401): no token
+  curl -i {base}/fhir/Patient/123
+  # refused (403): needs delete:lab-results
+  curl -i -X DELETE -H "Authorization: Bearer $TOKEN" {base}/labs/1
+
+  More tokens: .venv/bin/python demo/mint.py --scope "delete:lab-results"
+  Access log (with audit): /tmp/phi-guard-access.log. Ctrl-C stops everything.
+""",
+            flush=True,
+        )
+        while envoy.poll() is None:
+            time.sleep(0.5)
+        return envoy.returncode or 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if envoy.poll() is None:
+            envoy.terminate()
+            try:
+                envoy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                envoy.kill()
+        jwks.stop()
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

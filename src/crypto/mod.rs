@@ -1,0 +1,215 @@
+//! Signature algorithms and verifying keys. The verifier picks the algorithm
+//! from the key it found (RFC 8725 §3.1), never from the token alone.
+
+mod es384;
+pub mod rsa;
+
+use std::fmt;
+
+use jwt_compact::alg::{Ed25519, Es256};
+use jwt_compact::{Algorithm, AlgorithmExt, Claims, Token, UntrustedToken};
+use serde::de::DeserializeOwned;
+
+pub use self::rsa::{FastRsa, RsaVerifyingKey};
+pub use es384::Es384;
+
+type P256Key = <Es256 as Algorithm>::VerifyingKey;
+type P384Key = <Es384 as Algorithm>::VerifyingKey;
+type Ed25519Key = <Ed25519 as Algorithm>::VerifyingKey;
+
+/// The JWS algorithms phi-guard accepts. `none` and every HMAC are absent on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Alg {
+    Rs256,
+    Rs384,
+    Rs512,
+    Ps256,
+    Ps384,
+    Ps512,
+    Es256,
+    Es384,
+    EdDsa,
+}
+
+/// Which kind of key an algorithm needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    Rsa,
+    P256,
+    P384,
+    Ed25519,
+}
+
+impl Alg {
+    /// Every supported algorithm, in a stable order.
+    pub const ALL: [Alg; 9] = [
+        Alg::Rs256,
+        Alg::Rs384,
+        Alg::Rs512,
+        Alg::Ps256,
+        Alg::Ps384,
+        Alg::Ps512,
+        Alg::Es256,
+        Alg::Es384,
+        Alg::EdDsa,
+    ];
+
+    /// Parses a JOSE `alg` name (case-sensitive, as RFC 7518 defines them).
+    pub fn from_name(name: &str) -> Option<Alg> {
+        Alg::ALL.into_iter().find(|alg| alg.name() == name)
+    }
+
+    /// The JOSE name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Alg::Rs256 => "RS256",
+            Alg::Rs384 => "RS384",
+            Alg::Rs512 => "RS512",
+            Alg::Ps256 => "PS256",
+            Alg::Ps384 => "PS384",
+            Alg::Ps512 => "PS512",
+            Alg::Es256 => "ES256",
+            Alg::Es384 => "ES384",
+            Alg::EdDsa => "EdDSA",
+        }
+    }
+
+    /// The key kind this algorithm verifies with.
+    pub fn key_kind(self) -> KeyKind {
+        match self {
+            Alg::Rs256 | Alg::Rs384 | Alg::Rs512 | Alg::Ps256 | Alg::Ps384 | Alg::Ps512 => {
+                KeyKind::Rsa
+            }
+            Alg::Es256 => KeyKind::P256,
+            Alg::Es384 => KeyKind::P384,
+            Alg::EdDsa => KeyKind::Ed25519,
+        }
+    }
+}
+
+impl fmt::Display for Alg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A public key ready to verify signatures.
+#[derive(Clone, Debug)]
+pub enum PublicKey {
+    Rsa(Box<RsaVerifyingKey>),
+    P256(Box<P256Key>),
+    P384(Box<P384Key>),
+    Ed25519(Box<Ed25519Key>),
+}
+
+/// Why key material could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    RsaTooSmall(usize),
+    RsaMalformed,
+    BadPoint,
+    BadLength,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::RsaTooSmall(bits) => write!(f, "RSA modulus of {bits} bits (< 2048)"),
+            KeyError::RsaMalformed => f.write_str("malformed RSA key"),
+            KeyError::BadPoint => f.write_str("point not on the curve"),
+            KeyError::BadLength => f.write_str("wrong key length"),
+        }
+    }
+}
+
+impl PublicKey {
+    /// An RSA key from the big-endian modulus and exponent.
+    pub fn rsa(n: &[u8], e: &[u8]) -> Result<PublicKey, KeyError> {
+        RsaVerifyingKey::from_components(n, e)
+            .map(|key| PublicKey::Rsa(Box::new(key)))
+            .map_err(|e| match e {
+                self::rsa::RsaKeyError::ModulusTooSmall(bits) => KeyError::RsaTooSmall(bits),
+                _ => KeyError::RsaMalformed,
+            })
+    }
+
+    /// An EC key from its affine coordinates; the curve decides the coordinate length.
+    pub fn ec(kind: KeyKind, x: &[u8], y: &[u8]) -> Result<PublicKey, KeyError> {
+        let len = match kind {
+            KeyKind::P256 => 32,
+            KeyKind::P384 => 48,
+            KeyKind::Rsa | KeyKind::Ed25519 => return Err(KeyError::BadLength),
+        };
+        if x.len() != len || y.len() != len {
+            return Err(KeyError::BadLength);
+        }
+        let mut sec1 = Vec::with_capacity(1 + 2 * len);
+        sec1.push(0x04);
+        sec1.extend_from_slice(x);
+        sec1.extend_from_slice(y);
+        match kind {
+            KeyKind::P256 => P256Key::from_sec1_bytes(&sec1)
+                .map(|k| PublicKey::P256(Box::new(k)))
+                .map_err(|_| KeyError::BadPoint),
+            _ => P384Key::from_sec1_bytes(&sec1)
+                .map(|k| PublicKey::P384(Box::new(k)))
+                .map_err(|_| KeyError::BadPoint),
+        }
+    }
+
+    /// An Ed25519 key from its 32 bytes.
+    pub fn ed25519(x: &[u8]) -> Result<PublicKey, KeyError> {
+        if x.len() != 32 {
+            return Err(KeyError::BadLength);
+        }
+        Ed25519Key::from_slice(x)
+            .map(|k| PublicKey::Ed25519(Box::new(k)))
+            .map_err(|_| KeyError::BadPoint)
+    }
+
+    /// The kind of this key.
+    pub fn kind(&self) -> KeyKind {
+        match self {
+            PublicKey::Rsa(_) => KeyKind::Rsa,
+            PublicKey::P256(_) => KeyKind::P256,
+            PublicKey::P384(_) => KeyKind::P384,
+            PublicKey::Ed25519(_) => KeyKind::Ed25519,
+        }
+    }
+}
+
+/// Checks the token's signature with `alg` and `key`, and returns its claims.
+///
+/// jwt-compact refuses a token whose header `alg` differs from `alg.name()`,
+/// so the header can never pick a weaker algorithm than the key's.
+pub fn verify<T: DeserializeOwned, H: Clone>(
+    alg: Alg,
+    key: &PublicKey,
+    token: &UntrustedToken<'_, H>,
+) -> Option<Claims<T>> {
+    let checked: Option<Token<T, H>> = match (alg, key) {
+        (Alg::Rs256, PublicKey::Rsa(k)) => {
+            FastRsa::rs256().validator(k.as_ref()).validate(token).ok()
+        }
+        (Alg::Rs384, PublicKey::Rsa(k)) => {
+            FastRsa::rs384().validator(k.as_ref()).validate(token).ok()
+        }
+        (Alg::Rs512, PublicKey::Rsa(k)) => {
+            FastRsa::rs512().validator(k.as_ref()).validate(token).ok()
+        }
+        (Alg::Ps256, PublicKey::Rsa(k)) => {
+            FastRsa::ps256().validator(k.as_ref()).validate(token).ok()
+        }
+        (Alg::Ps384, PublicKey::Rsa(k)) => {
+            FastRsa::ps384().validator(k.as_ref()).validate(token).ok()
+        }
+        (Alg::Ps512, PublicKey::Rsa(k)) => {
+            FastRsa::ps512().validator(k.as_ref()).validate(token).ok()
+        }
+        (Alg::Es256, PublicKey::P256(k)) => Es256.validator(k).validate(token).ok(),
+        (Alg::Es384, PublicKey::P384(k)) => Es384.validator(k).validate(token).ok(),
+        (Alg::EdDsa, PublicKey::Ed25519(k)) => Ed25519.validator(k).validate(token).ok(),
+        _ => None,
+    };
+    checked.map(|t| t.into_parts().1)
+}

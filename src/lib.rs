@@ -1,0 +1,17 @@
+//! phi-guard: an Envoy HTTP filter (proxy-wasm) that verifies OAuth 2.0 / OIDC
+//! JWT access tokens and enforces least-privilege rules in front of PHI APIs.
+//!
+//! The crate is a pure core that decides and a thin host adapter that talks to
+//! Envoy. Only `host` names `proxy_wasm`; everything else takes the time as an
+//! argument and is tested natively.
+
+pub mod answer;
+pub mod config;
+pub mod crypto;
+pub mod decision;
+pub mod jwks;
+pub mod rules;
+pub mod token;
+
+#[cfg(target_arch = "wasm32")]
+mod host;

@@ -1,0 +1,646 @@
+"""Shared helpers for phi-guard's end-to-end tests (and the demo).
+
+One place for everything a test needs around the real Envoy: keys and hand-made
+JWS tokens, a JWKS server the test can break at will, an upstream that records
+what reached it, and a runner that starts Envoy with the shipped config
+rewritten to those servers. Everything listens on 127.0.0.1 with OS-picked ports.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+REPO = Path(__file__).resolve().parents[2]
+ENVOY_YAML = REPO / "envoy" / "envoy.yaml"
+# PHI_GUARD_WASM lets a developer try another build (a debug one, say).
+WASM = Path(os.environ.get("PHI_GUARD_WASM", REPO / "target" / "wasm32-wasip1" / "release" / "phi_guard.wasm"))
+ENVOY_BIN = REPO / ".venv" / "bin" / "envoy"
+
+ISSUER = "https://idp.example.org"
+AUDIENCE = "https://fhir.example.org"
+WASM_FILTER = "envoy.filters.http.wasm"
+
+
+# --------------------------------------------------------------------------
+# Keys and tokens
+# --------------------------------------------------------------------------
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, as JOSE wants it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _int_bytes(n: int, size: int | None = None) -> bytes:
+    size = size or max(1, (n.bit_length() + 7) // 8)
+    return n.to_bytes(size, "big")
+
+
+_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+_HMAC = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+
+
+class KeyPair:
+    """A signing key with a `kid` and a default `alg`, and its public JWK."""
+
+    def __init__(self, private, alg: str, kid: str | None = None):
+        self.private = private
+        self.alg = alg
+        self.kid = kid or f"{alg.lower()}-{uuid.uuid4().hex[:8]}"
+
+    @classmethod
+    def rsa(cls, alg: str = "RS256", kid: str | None = None, bits: int = 2048) -> KeyPair:
+        return cls(rsa.generate_private_key(public_exponent=65537, key_size=bits), alg, kid)
+
+    @classmethod
+    def ec(cls, alg: str = "ES256", kid: str | None = None) -> KeyPair:
+        curve = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}[alg]()
+        return cls(ec.generate_private_key(curve), alg, kid)
+
+    @classmethod
+    def ed25519(cls, kid: str | None = None) -> KeyPair:
+        return cls(ed25519.Ed25519PrivateKey.generate(), "EdDSA", kid)
+
+    @classmethod
+    def for_alg(cls, alg: str, kid: str | None = None) -> KeyPair:
+        """A fresh key of the family `alg` needs."""
+        if alg[:2] in ("RS", "PS"):
+            return cls.rsa(alg, kid)
+        if alg in ("ES256", "ES384"):
+            return cls.ec(alg, kid)
+        if alg == "EdDSA":
+            return cls.ed25519(kid)
+        raise ValueError(f"no key family for {alg}")
+
+    @classmethod
+    def from_pem(cls, pem: bytes, alg: str, kid: str) -> KeyPair:
+        return cls(serialization.load_pem_private_key(pem, password=None), alg, kid)
+
+    def private_pem(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def public_pem(self) -> bytes:
+        """The public key as PEM: the classic HMAC-confusion 'secret'."""
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def public_jwk(self, **overrides) -> dict:
+        """Public JWK with kid, alg and use; overrides (None = drop) let tests break it."""
+        pub = self.private.public_key()
+        if isinstance(pub, rsa.RSAPublicKey):
+            nums = pub.public_numbers()
+            jwk = {"kty": "RSA", "n": b64url(_int_bytes(nums.n)), "e": b64url(_int_bytes(nums.e))}
+        elif isinstance(pub, ec.EllipticCurvePublicKey):
+            nums = pub.public_numbers()
+            size = (pub.curve.key_size + 7) // 8
+            crv = {256: "P-256", 384: "P-384"}[pub.curve.key_size]
+            jwk = {
+                "kty": "EC",
+                "crv": crv,
+                "x": b64url(_int_bytes(nums.x, size)),
+                "y": b64url(_int_bytes(nums.y, size)),
+            }
+        else:
+            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}
+        jwk.update({"kid": self.kid, "alg": self.alg, "use": "sig"})
+        return _apply(jwk, overrides)
+
+    def sign(self, alg: str, data: bytes) -> bytes:
+        """Signature of `data` under `alg`, in JWS form (ECDSA as raw r||s, not DER)."""
+        key = self.private
+        if alg.startswith("RS"):
+            return key.sign(data, padding.PKCS1v15(), _HASHES[alg[2:]]())
+        if alg.startswith("PS"):
+            h = _HASHES[alg[2:]]()
+            # RFC 7518 §3.5: salt length equals the hash length.
+            return key.sign(data, padding.PSS(padding.MGF1(h), h.digest_size), h)
+        if alg in ("ES256", "ES384"):
+            der = key.sign(data, ec.ECDSA(_HASHES[alg[2:]]()))
+            r, s = decode_dss_signature(der)
+            size = (key.curve.key_size + 7) // 8
+            return _int_bytes(r, size) + _int_bytes(s, size)
+        if alg == "EdDSA":
+            return key.sign(data)
+        raise ValueError(f"cannot sign {alg} with this key")
+
+
+def _apply(base: dict, overrides: dict) -> dict:
+    """Merge overrides into base; a None value removes the key."""
+    out = dict(base)
+    for k, v in overrides.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+def jwks(*keys: KeyPair) -> dict:
+    return {"keys": [k.public_jwk() for k in keys]}
+
+
+def default_claims(**overrides) -> dict:
+    """Claims of a good access token; overrides (None = drop) make bad ones."""
+    now = int(time.time())
+    base = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "user-4711",
+        "client_id": "phi-guard-tests",
+        "scope": "read:patient-profile",
+        "iat": now,
+        "exp": now + 300,
+        "jti": uuid.uuid4().hex,
+    }
+    return _apply(base, overrides)
+
+
+def mint(
+    key: KeyPair | None,
+    alg: str | None = None,
+    claims: dict | None = None,
+    header: dict | None = None,
+    hmac_secret: bytes | None = None,
+    **claim_overrides,
+) -> str:
+    """A JWS compact token, built by hand so tests can forge anything.
+
+    `alg` defaults to the key's; "none" gives an empty signature; HS* signs with
+    `hmac_secret`. `header` entries override the default header (None = drop),
+    e.g. {"kid": "nope"} or {"crit": ["x"]}. Keyword arguments override claims.
+    """
+    alg = alg or (key.alg if key else "none")
+    hdr = {"alg": alg, "typ": "at+jwt"}
+    if key is not None:
+        hdr["kid"] = key.kid
+    hdr = _apply(hdr, header or {})
+    body = _apply(claims if claims is not None else default_claims(), claim_overrides)
+    signing_input = (
+        b64url(json.dumps(hdr, separators=(",", ":")).encode())
+        + "."
+        + b64url(json.dumps(body, separators=(",", ":")).encode())
+    ).encode("ascii")
+    if alg == "none":
+        sig = b""
+    elif alg in _HMAC:
+        sig = hmac.new(hmac_secret or b"", signing_input, _HMAC[alg]).digest()
+    else:
+        if key is None:
+            raise ValueError(f"{alg} needs a key")
+        sig = key.sign(alg, signing_input)
+    return signing_input.decode("ascii") + "." + b64url(sig)
+
+
+def tamper(token: str) -> str:
+    """The same token with one bit of its signature flipped."""
+    head, payload, sig = token.split(".")
+    raw = bytearray(b64url_decode(sig))
+    raw[len(raw) // 2] ^= 0x01
+    return f"{head}.{payload}.{b64url(bytes(raw))}"
+
+
+# --------------------------------------------------------------------------
+# Loopback HTTP servers
+# --------------------------------------------------------------------------
+
+
+class _Server:
+    """A threaded loopback HTTP server that can be stopped and restarted on its port.
+
+    Handlers speak HTTP/1.0 (close after each answer), so stopping the listener
+    really makes the endpoint unreachable: no pooled connection lingers.
+    """
+
+    def __init__(self, handler_cls, port: int = 0):
+        self._handler_cls = handler_cls
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = port  # 0: the OS picks; the demo asks for fixed ones
+        self.lock = threading.Lock()
+        self.start()
+
+    def start(self) -> None:
+        if self._httpd is not None:
+            return
+        httpd = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler_cls)
+        httpd.daemon_threads = True
+        httpd.owner = self  # handlers reach their server's state through this
+        self.port = httpd.server_address[1]
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+            self._thread.join(timeout=5)
+
+    @property
+    def running(self) -> bool:
+        return self._httpd is not None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class _QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, fmt, *args):  # keep pytest output readable
+        pass
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class _JwksHandler(_QuietHandler):
+    def do_GET(self):
+        owner: JwksServer = self.server.owner
+        with owner.lock:
+            owner.hits += 1
+            owner.paths.append(self.path)
+            status, body, delay = owner.status, owner.body, owner.delay_seconds
+        if delay:
+            time.sleep(delay)
+        self._answer(status, body, "application/json")
+
+
+class JwksServer(_Server):
+    """Serves a JWKS document; the test changes it, its status, or takes it down.
+
+    `down()` stops listening (connection refused); `set_status(503)` keeps
+    listening but fails; `hits` counts requests that reached it.
+    """
+
+    def __init__(self, *keys: KeyPair, port: int = 0):
+        self.hits = 0
+        self.paths: list[str] = []
+        self.status = 200
+        self.delay_seconds = 0.0
+        self.body = b""
+        super().__init__(_JwksHandler, port)
+        self.set_keys(*keys)
+
+    def set_keys(self, *keys: KeyPair) -> None:
+        self.set_document(jwks(*keys))
+
+    def set_document(self, doc) -> None:
+        """A dict/list is served as JSON; str/bytes as they are (for garbage)."""
+        if isinstance(doc, (dict, list)):
+            doc = json.dumps(doc)
+        if isinstance(doc, str):
+            doc = doc.encode()
+        with self.lock:
+            self.body = doc
+
+    def set_status(self, status: int) -> None:
+        with self.lock:
+            self.status = status
+
+    def down(self) -> None:
+        self.stop()
+
+    def up(self) -> None:
+        self.start()
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        values = self.header_all(name)
+        return values[0] if values else None
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+class _UpstreamHandler(_QuietHandler):
+    def _record(self):
+        owner: Upstream = self.server.owner
+        seen = SeenRequest(self.command, self.path, list(self.headers.items()), self._read_body())
+        with owner.lock:
+            owner.requests.append(seen)
+        self._answer(200, b"upstream ok\n", "text/plain")
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _record
+
+
+class Upstream(_Server):
+    """The protected API: answers 200 and records every request that got through."""
+
+    def __init__(self, port: int = 0):
+        self.requests: list[SeenRequest] = []
+        super().__init__(_UpstreamHandler, port)
+
+    @property
+    def last(self) -> SeenRequest | None:
+        with self.lock:
+            return self.requests[-1] if self.requests else None
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+
+# --------------------------------------------------------------------------
+# Envoy
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+def http_request(
+    port: int, method: str, path: str, headers=None, body: bytes | None = None, timeout: float = 10
+) -> Response:
+    """One request on a fresh connection; headers may be a dict or a list of
+    pairs (a list allows repeated names such as two Authorization headers)."""
+    items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in items:
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return Response(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
+
+
+def shipped_config() -> dict:
+    with open(ENVOY_YAML) as f:
+        return yaml.safe_load(f)
+
+
+def _http_filters(config: dict) -> list:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    return hcm["typed_config"]["http_filters"]
+
+
+def _wasm_filter(config: dict) -> dict | None:
+    for f in _http_filters(config):
+        if f["name"] == WASM_FILTER:
+            return f["typed_config"]["config"]
+    return None
+
+
+def shipped_policy() -> dict:
+    """The policy JSON from envoy/envoy.yaml, as a dict to adapt per test."""
+    return json.loads(_wasm_filter(shipped_config())["configuration"]["value"])
+
+
+class EnvoyFailedToStart(RuntimeError):
+    pass
+
+
+class Envoy:
+    """Runs the real Envoy on envoy/envoy.yaml rewritten for one test.
+
+    The listener and admin take OS-picked ports (found again through admin),
+    clusters point at the test's upstream and JWKS servers, the access log goes
+    to the work dir. `policy` replaces the filter's JSON (a dict, or a str
+    taken verbatim so tests can send broken JSON); `with_wasm=False` drops the
+    filter to check the harness itself.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_port: int,
+        jwks_port: int,
+        policy: dict | str | None = None,
+        with_wasm: bool = True,
+        wasm: Path = WASM,
+        log_level: str = "warn",
+    ):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "envoy.yaml"
+        self.log_path = self.workdir / "envoy.log"
+        self.access_log_path = self.workdir / "access.log"
+        self.admin_address_path = self.workdir / "admin.address"
+        self.log_level = log_level
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.admin_port = 0
+        self.config = self._rewrite(upstream_port, jwks_port, policy, with_wasm, wasm)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    def _rewrite(self, upstream_port, jwks_port, policy, with_wasm, wasm) -> dict:
+        config = shipped_config()
+        res = config["static_resources"]
+        res["listeners"][0]["address"]["socket_address"]["port_value"] = 0
+        config["admin"]["address"]["socket_address"]["port_value"] = 0
+        ports = {"upstream": upstream_port, "idp_jwks": jwks_port}
+        for cluster in res["clusters"]:
+            if cluster["name"] in ports:
+                for group in cluster["load_assignment"]["endpoints"]:
+                    for lb in group["lb_endpoints"]:
+                        lb["endpoint"]["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
+        hcm = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        for log in hcm.get("access_log", []):
+            if "path" in log["typed_config"]:
+                log["typed_config"]["path"] = str(self.access_log_path)
+        plugin = _wasm_filter(config)
+        if not with_wasm:
+            hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != WASM_FILTER]
+            return config
+        plugin["vm_config"]["code"]["local"]["filename"] = str(Path(wasm).resolve())
+        if policy is None:
+            policy = self.point_jwks(shipped_policy(), jwks_port)
+        if isinstance(policy, dict):
+            policy = json.dumps(policy, indent=2)
+        plugin["configuration"]["value"] = policy
+        return config
+
+    @staticmethod
+    def point_jwks(policy: dict, jwks_port: int) -> dict:
+        """Point every provider's JWKS uri at the test server (the cluster
+        decides where the callout goes; the uri gives its :authority/:path)."""
+        policy = copy.deepcopy(policy)
+        for p in policy.get("providers", []):
+            if "jwks" in p:
+                p["jwks"]["uri"] = f"http://127.0.0.1:{jwks_port}/.well-known/jwks.json"
+        return policy
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self, timeout: float = 30) -> Envoy:
+        """Start and wait until admin says LIVE and the listener has a port.
+        Raises EnvoyFailedToStart (with the log tail) if it exits or hangs."""
+        self.admin_address_path.unlink(missing_ok=True)
+        argv = [str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", "1"]
+        # Several Envoys (tests, a running demo) must not share shared memory.
+        argv += ["--use-dynamic-base-id", "--log-level", self.log_level]
+        argv += ["--admin-address-path", str(self.admin_address_path)]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EnvoyFailedToStart(f"envoy exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self._ready():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise EnvoyFailedToStart(f"envoy not ready after {timeout}s:\n{self.log_tail()}")
+
+    def _ready(self) -> bool:
+        if not self.admin_port:
+            try:
+                addr = self.admin_address_path.read_text().strip()
+            except FileNotFoundError:
+                return False
+            if not addr:
+                return False
+            self.admin_port = int(addr.rsplit(":", 1)[1])
+        try:
+            ready = http_request(self.admin_port, "GET", "/ready", timeout=2)
+            if ready.status != 200 or ready.text.strip() != "LIVE":
+                return False
+            listeners = json.loads(http_request(self.admin_port, "GET", "/listeners?format=json").body)
+        except (OSError, http.client.HTTPException, ValueError):
+            self.admin_port = 0  # re-read the address file, in case we caught it half-written
+            return False
+        for status in listeners.get("listener_statuses", []):
+            port = status.get("local_address", {}).get("socket_address", {}).get("port_value")
+            if port:
+                self.port = int(port)
+                return True
+        return False
+
+    def expect_start_failure(self, timeout: float = 30) -> str:
+        """Start, expecting Envoy to refuse the config; returns its log.
+        Fails the test if Envoy becomes ready instead."""
+        try:
+            self.start(timeout=timeout)
+        except EnvoyFailedToStart:
+            return self.log_text()
+        self.stop()
+        raise AssertionError(f"envoy started but should not have:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- talking to it -----------------------------------------------------
+
+    def request(self, method: str, path: str, headers=None, body: bytes | None = None, token: str | None = None):
+        """A request to the listener; `token` adds `Authorization: Bearer <token>`."""
+        items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        if token is not None:
+            items.append(("Authorization", f"Bearer {token}"))
+        return http_request(self.port, method, path, items, body)
+
+    def get(self, path: str, token: str | None = None, headers=None) -> Response:
+        return self.request("GET", path, headers=headers, token=token)
+
+    def admin(self, path: str) -> Response:
+        return http_request(self.admin_port, "GET", path)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def access_log(self, at_least: int = 0, timeout: float = 5) -> list[dict]:
+        """Access log records; waits for `at_least` of them (Envoy flushes
+        the file about once a second)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                lines = self.access_log_path.read_text().splitlines()
+            except FileNotFoundError:
+                lines = []
+            if len(lines) >= at_least or time.monotonic() > deadline:
+                return [json.loads(line) for line in lines if line.strip()]
+            time.sleep(0.1)
+
+
+def eventually(fn, timeout: float = 10, interval: float = 0.2):
+    """Call fn until it returns something truthy; return the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

@@ -1,0 +1,333 @@
+"""Token verification through the real Envoy with the built phi-guard .wasm,
+against the contract's answers (DESIGN.md §3). Every test uses GET
+/fhir/Patient/{id} (rule patient-read, scope read:patient-profile) unless it
+says otherwise, so only the token decides."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import FAMILIES
+from harness import KeyPair, Response, default_claims, eventually, mint, tamper
+
+PATH = "/fhir/Patient/123"
+
+
+def assert_refused(resp: Response, upstream, *tokens: str) -> None:
+    """A refusal never reaches the upstream and never echoes a token."""
+    assert upstream.requests == [], "a refused request reached the upstream"
+    for token in tokens:
+        assert token not in resp.text
+        for _, value in resp.headers:
+            assert token not in value
+
+
+def assert_invalid_token(resp: Response, upstream, *tokens: str) -> None:
+    assert resp.status == 401, (resp.status, resp.text)
+    www = resp.header("www-authenticate") or ""
+    assert www.startswith("Bearer ") and 'error="invalid_token"' in www, www
+    assert_refused(resp, upstream, *tokens)
+
+
+def assert_missing_token(resp: Response, upstream) -> None:
+    assert resp.status == 401, (resp.status, resp.text)
+    www = resp.header("www-authenticate") or ""
+    # RFC 6750 §3.1: no error code when the request carried no credentials.
+    assert www.startswith("Bearer realm="), www
+    assert "error=" not in www, www
+    assert_refused(resp, upstream)
+
+
+def jwks_settings(policy: dict, **settings) -> dict:
+    policy["providers"][0]["jwks"].update(settings)
+    return policy
+
+
+# --------------------------------------------------------------------------
+# Good tokens
+
+
+@pytest.mark.parametrize("alg", FAMILIES)
+def test_valid_token_of_each_family_is_forwarded_without_authorization(envoy, upstream, keys, alg):
+    resp = envoy.get(PATH, token=mint(keys[alg]))
+    assert resp.status == 200, (resp.status, resp.text, envoy.log_tail())
+    assert len(upstream.requests) == 1
+    seen = upstream.last
+    assert (seen.method, seen.path) == ("GET", PATH)
+    # forward_token is false: the bearer token must not travel upstream.
+    assert seen.header_all("authorization") == []
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "BeArEr"])
+def test_scheme_is_case_insensitive(envoy, upstream, keys, scheme):
+    token = mint(keys["ES256"])
+    resp = envoy.get(PATH, headers=[("Authorization", f"{scheme} {token}")])
+    assert resp.status == 200, (resp.status, resp.text)
+    assert upstream.last.header("authorization") is None
+
+
+def test_public_rule_needs_no_token(envoy, upstream):
+    assert envoy.get("/healthz").status == 200
+    assert upstream.last.path == "/healthz"
+
+
+# --------------------------------------------------------------------------
+# Missing token
+
+
+def test_no_token_on_protected_rule_is_401_without_error(envoy, upstream):
+    assert_missing_token(envoy.get(PATH), upstream)
+
+
+def test_realm_is_configurable(envoy_factory, policy, upstream):
+    policy["realm"] = "fhir-demo"
+    resp = envoy_factory(policy).get(PATH)
+    assert_missing_token(resp, upstream)
+    assert resp.header("www-authenticate").startswith('Bearer realm="fhir-demo"')
+
+
+def test_token_in_query_string_is_not_accepted(envoy, upstream, keys):
+    token = mint(keys["RS256"])
+    resp = envoy.get(f"{PATH}?access_token={token}")
+    assert_missing_token(resp, upstream)
+    assert token not in resp.text
+
+
+# --------------------------------------------------------------------------
+# Invalid tokens: 401 invalid_token
+
+
+def _forged(name: str, keys: dict) -> str:
+    """Bad tokens, each wrong in exactly one way."""
+    rsa, now = keys["RS256"], int(time.time())
+    return {
+        "expired": lambda: mint(rsa, iat=now - 900, exp=now - 600),  # well past the 60 s skew
+        "not_yet_valid": lambda: mint(rsa, nbf=now + 600),
+        "wrong_issuer": lambda: mint(rsa, iss="https://evil.example.org"),
+        "wrong_audience": lambda: mint(rsa, aud="https://other.example.org"),
+        "missing_exp": lambda: mint(rsa, exp=None),
+        "lifetime_over_max": lambda: mint(rsa, exp=now + 7200),  # max_token_lifetime_seconds 3600
+        "bad_signature": lambda: tamper(mint(rsa)),
+        "signed_by_other_key_same_kid": lambda: mint(KeyPair.rsa(kid=rsa.kid)),
+        "alg_none": lambda: mint(None, alg="none", header={"kid": rsa.kid}),
+        # HMAC confusion: the RSA public key's PEM used as the HS256 secret.
+        "hs256_with_rsa_public_key": lambda: mint(rsa, alg="HS256", hmac_secret=rsa.public_pem()),
+        # The key, not the header, picks the algorithm (RFC 8725 §3.1).
+        "alg_differs_from_key": lambda: mint(rsa, alg="PS256"),
+        "unknown_kid": lambda: mint(rsa, header={"kid": "nobody-knows-me"}),
+        "unknown_crit_header": lambda: mint(rsa, header={"crit": ["x-unknown"], "x-unknown": 1}),
+        "id_token_typ": lambda: mint(rsa, header={"typ": "id+jwt"}),
+        "malformed_two_parts": lambda: mint(rsa).rsplit(".", 1)[0],
+        "malformed_not_base64": lambda: "e30.%%%%.abc",
+        "malformed_payload_not_json": lambda: mint(rsa).split(".")[0] + ".bm90IGpzb24." + mint(rsa).split(".")[2],
+    }[name]()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "expired",
+        "not_yet_valid",
+        "wrong_issuer",
+        "wrong_audience",
+        "missing_exp",
+        "lifetime_over_max",
+        "bad_signature",
+        "signed_by_other_key_same_kid",
+        "alg_none",
+        "hs256_with_rsa_public_key",
+        "alg_differs_from_key",
+        "unknown_kid",
+        "unknown_crit_header",
+        "id_token_typ",
+        "malformed_two_parts",
+        "malformed_not_base64",
+        "malformed_payload_not_json",
+    ],
+)
+def test_invalid_token_is_401_invalid_token(envoy, upstream, keys, case):
+    token = _forged(case, keys)
+    assert_invalid_token(envoy.get(PATH, token=token), upstream, token)
+
+
+def test_token_types_are_configurable_and_case_insensitive(envoy_factory, policy, upstream, keys):
+    policy["providers"][0]["token_types"] = ["at+jwt"]
+    envoy = envoy_factory(policy)
+    assert envoy.get(PATH, token=mint(keys["EdDSA"], header={"typ": "AT+JWT"})).status == 200
+    upstream.reset()
+    plain = mint(keys["EdDSA"], header={"typ": "JWT"})
+    assert_invalid_token(envoy.get(PATH, token=plain), upstream, plain)
+
+
+# --------------------------------------------------------------------------
+# Suspicious Authorization headers: refused before any verification
+
+
+def test_two_authorization_headers_are_refused(envoy, upstream, keys):
+    # Both tokens are valid: ambiguity alone must be enough to refuse.
+    first, second = mint(keys["RS256"]), mint(keys["ES256"])
+    resp = envoy.get(PATH, headers=[("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")])
+    assert 400 <= resp.status < 500, (resp.status, resp.text)
+    assert_refused(resp, upstream, first, second)
+
+
+def test_authorization_over_8_kib_is_refused(envoy, upstream, keys):
+    # Validly signed, only too big.
+    token = mint(keys["ES256"], padding="x" * 9000)
+    assert len(token) > 8192
+    resp = envoy.get(PATH, token=token)
+    assert 400 <= resp.status < 500, (resp.status, resp.text)
+    assert_refused(resp, upstream, token)
+
+
+# --------------------------------------------------------------------------
+# JWKS: rotation, outages, garbage
+
+
+def test_key_rotation_refetches_once_then_rate_limits(envoy_factory, policy, jwks_server, upstream, keys):
+    # A short window instead of a huge one: the test then holds whether the
+    # limit counts from the last unknown-kid refetch or from any fetch, and
+    # can also see the window end.
+    window = 3
+    jwks_settings(policy, min_refetch_seconds=window, cache_seconds=300)
+    old, new, newer = keys["ES256"], KeyPair.ec("ES256", kid="rotated-1"), KeyPair.ec("ES256", kid="rotated-2")
+    jwks_server.set_keys(old)
+    envoy = envoy_factory(policy)
+    assert envoy.get(PATH, token=mint(old)).status == 200
+    time.sleep(window + 0.5)
+
+    jwks_server.set_keys(new)
+    hits = jwks_server.hits
+    assert envoy.get(PATH, token=mint(new)).status == 200
+    assert jwks_server.hits == hits + 1, "an unknown kid should cause exactly one refetch"
+
+    jwks_server.set_keys(new, newer)
+    upstream.reset()
+    token = mint(newer)
+    assert_invalid_token(envoy.get(PATH, token=token), upstream, token)
+    assert jwks_server.hits == hits + 1, "a second unknown kid within min_refetch_seconds must not refetch"
+
+    time.sleep(window + 0.5)
+    assert envoy.get(PATH, token=mint(newer)).status == 200
+
+
+@pytest.mark.parametrize("outage", ["connection_refused", "http_503"])
+def test_jwks_unavailable_at_start_is_503_then_recovers(envoy_factory, policy, jwks_server, upstream, keys, outage):
+    jwks_settings(policy, timeout_ms=500, retry_seconds=1)
+    if outage == "connection_refused":
+        jwks_server.down()
+    else:
+        jwks_server.set_status(503)
+    envoy = envoy_factory(policy)
+    token = mint(keys["RS256"])
+    resp = envoy.get(PATH, token=token)
+    assert resp.status == 503, (resp.status, resp.text)
+    assert_refused(resp, upstream, token)
+
+    if outage == "connection_refused":
+        jwks_server.up()
+    else:
+        jwks_server.set_status(200)
+    ok = eventually(lambda: envoy.get(PATH, token=token).status == 200, timeout=10)
+    assert ok, f"no recovery after the JWKS came back:\n{envoy.log_tail()}"
+    assert jwks_server.hits >= 1
+
+
+def test_slow_jwks_is_bounded_by_timeout(envoy_factory, policy, jwks_server, upstream, keys):
+    jwks_settings(policy, timeout_ms=500, retry_seconds=1)
+    jwks_server.delay_seconds = 3
+    envoy = envoy_factory(policy)
+    token = mint(keys["PS256"])
+    started = time.monotonic()
+    resp = envoy.get(PATH, token=token)
+    assert resp.status == 503, (resp.status, resp.text)
+    assert time.monotonic() - started < 2.5, "the request waited past the fetch timeout"
+    assert_refused(resp, upstream, token)
+    jwks_server.delay_seconds = 0
+    assert eventually(lambda: envoy.get(PATH, token=token).status == 200, timeout=10)
+
+
+GARBAGE = {
+    "not_json": b"<html><body>502 Bad Gateway</body></html>",
+    "truncated_json": b'{"keys": [{"kty": "RSA", ',
+    "no_keys_member": {"issuer": "https://idp.example.org"},
+    "keys_not_a_list": {"keys": "nope"},
+    "empty_key_set": {"keys": []},
+    "rsa_key_bad_modulus": {"keys": [{"kty": "RSA", "kid": "test-rs256", "alg": "RS256", "n": "%%%", "e": "AQAB"}]},
+    # A symmetric key under the token's kid must never become a verifier.
+    "symmetric_key": {"keys": [{"kty": "oct", "kid": "test-rs256", "alg": "HS256", "k": "c2VjcmV0"}]},
+}
+
+
+@pytest.mark.parametrize("garbage", list(GARBAGE))
+def test_garbage_jwks_is_503_and_envoy_keeps_serving(envoy_factory, policy, jwks_server, upstream, keys, garbage):
+    jwks_settings(policy, timeout_ms=1000, retry_seconds=1, min_refetch_seconds=1)
+    jwks_server.set_document(GARBAGE[garbage])
+    envoy = envoy_factory(policy)
+    token = mint(keys["RS256"])
+    resp = envoy.get(PATH, token=token)
+    assert resp.status == 503, (resp.status, resp.text)
+    assert_refused(resp, upstream, token)
+    assert envoy.alive and envoy.admin("/ready").text.strip() == "LIVE"
+
+    jwks_server.set_keys(*keys.values())
+    assert eventually(lambda: envoy.get(PATH, token=token).status == 200, timeout=10), envoy.log_tail()
+
+
+# --------------------------------------------------------------------------
+# Configuration errors stop the plugin
+
+
+@pytest.mark.parametrize(
+    "mutate, mentions",
+    [
+        pytest.param(lambda p: p.update(bogus_option=True), "bogus_option", id="unknown_top_level_field"),
+        pytest.param(lambda p: p["providers"][0].update(algorithms=["RS256", "RS999"]), "RS999", id="unknown_alg"),
+        pytest.param(lambda p: p["providers"][0].update(algorithms=["HS256"]), "algorithms", id="hmac_alg"),
+        pytest.param(lambda p: p["providers"][0]["jwks"].update(refresh_s=5), "refresh_s", id="unknown_jwks_field"),
+        pytest.param(lambda p: p["rules"][1].update(scope=["read:patient-profile"]), "scope", id="unknown_rule_field"),
+        pytest.param(lambda p: p.update(providers=[]), "providers", id="no_providers"),
+    ],
+)
+def test_invalid_config_fails_plugin_start(envoy_factory, policy, mutate, mentions):
+    mutate(policy)
+    log = envoy_factory(policy, start=False).expect_start_failure()
+    assert mentions in log, log[-3000:]
+
+
+def test_config_that_is_not_json_fails_plugin_start(envoy_factory):
+    log = envoy_factory('{"providers": [', start=False).expect_start_failure()
+    assert "phi_guard" in log
+
+
+# --------------------------------------------------------------------------
+# Logs never carry the token
+
+
+def test_logs_carry_audit_but_never_the_token(envoy, upstream, keys):
+    good, bad = mint(keys["RS256"]), tamper(mint(keys["ES384"]))
+    assert envoy.get(PATH + "?q=secret", token=good).status == 200
+    assert envoy.get(PATH, token=bad).status == 401
+    assert envoy.get(PATH).status == 401
+    records = envoy.access_log(at_least=3)
+    assert len(records) == 3
+    for record in records:
+        assert record["audit"] not in ("", "-", None), record
+        json.loads(record["audit"])  # one JSON document per request
+    for text in (envoy.access_log_path.read_text(), envoy.log_text()):
+        assert good not in text and bad not in text
+        # Nor any single part of them (a payload alone is as telling).
+        for part in good.split(".") + bad.split("."):
+            assert part not in text
+        assert "q=secret" not in envoy.access_log_path.read_text()
+
+
+def test_default_claims_are_what_the_policy_expects():
+    # Guards the tests above: a typo here would make every "valid" case wrong.
+    claims = default_claims()
+    assert claims["iss"] == "https://idp.example.org"
+    assert claims["aud"] == "https://fhir.example.org"
+    assert "read:patient-profile" in claims["scope"].split()
