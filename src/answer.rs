@@ -1,1 +1,262 @@
-//! placeholder
+//! Why a request was decided as it was, and the one mapping from that reason
+//! to what the client sees: status and `WWW-Authenticate` (RFC 6750, RFC 9470).
+//! The precise reason goes to the audit record; the wire answer stays generic.
+
+use std::fmt::Write as _;
+
+/// Which step-up requirement a token failed (RFC 9470).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepUpFailure {
+    Acr,
+    Amr,
+    Age,
+}
+
+impl StepUpFailure {
+    /// Stable code for the audit record.
+    pub fn code(self) -> &'static str {
+        match self {
+            StepUpFailure::Acr => "acr",
+            StepUpFailure::Amr => "amr",
+            StepUpFailure::Age => "age",
+        }
+    }
+}
+
+/// Every reason for a decision. Codes are stable: dashboards and alerts key on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Ok,
+    BadPath,
+    NoRule,
+    MissingToken,
+    InvalidRequest,
+    Malformed,
+    AlgNotAllowed,
+    BadType,
+    UnsupportedCrit,
+    UnknownIssuer,
+    WrongAudience,
+    MissingExp,
+    Expired,
+    NotYetValid,
+    LifetimeTooLong,
+    UnknownKey,
+    InvalidSignature,
+    TokenTooOld,
+    InsufficientScope,
+    StepUpRequired(StepUpFailure),
+    Revoked,
+    KeysUnavailable,
+}
+
+impl Reason {
+    /// The stable audit code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Ok => "ok",
+            Reason::BadPath => "bad_path",
+            Reason::NoRule => "no_rule",
+            Reason::MissingToken => "missing_token",
+            Reason::InvalidRequest => "invalid_request",
+            Reason::Malformed => "malformed_token",
+            Reason::AlgNotAllowed => "alg_not_allowed",
+            Reason::BadType => "bad_token_type",
+            Reason::UnsupportedCrit => "unsupported_crit",
+            Reason::UnknownIssuer => "unknown_issuer",
+            Reason::WrongAudience => "wrong_audience",
+            Reason::MissingExp => "missing_exp",
+            Reason::Expired => "expired",
+            Reason::NotYetValid => "not_yet_valid",
+            Reason::LifetimeTooLong => "lifetime_too_long",
+            Reason::UnknownKey => "unknown_key",
+            Reason::InvalidSignature => "invalid_signature",
+            Reason::TokenTooOld => "token_too_old",
+            Reason::InsufficientScope => "insufficient_scope",
+            Reason::StepUpRequired(_) => "step_up_required",
+            Reason::Revoked => "revoked",
+            Reason::KeysUnavailable => "keys_unavailable",
+        }
+    }
+
+    /// Every reason, for stats registration and tests.
+    pub const ALL: [Reason; 24] = [
+        Reason::Ok,
+        Reason::BadPath,
+        Reason::NoRule,
+        Reason::MissingToken,
+        Reason::InvalidRequest,
+        Reason::Malformed,
+        Reason::AlgNotAllowed,
+        Reason::BadType,
+        Reason::UnsupportedCrit,
+        Reason::UnknownIssuer,
+        Reason::WrongAudience,
+        Reason::MissingExp,
+        Reason::Expired,
+        Reason::NotYetValid,
+        Reason::LifetimeTooLong,
+        Reason::UnknownKey,
+        Reason::InvalidSignature,
+        Reason::TokenTooOld,
+        Reason::InsufficientScope,
+        Reason::StepUpRequired(StepUpFailure::Acr),
+        Reason::StepUpRequired(StepUpFailure::Amr),
+        Reason::StepUpRequired(StepUpFailure::Age),
+        Reason::Revoked,
+        Reason::KeysUnavailable,
+    ];
+}
+
+/// What the rule asked for, needed to word a challenge.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Challenge<'a> {
+    /// The rule's required scopes (`scopes`, else `scopes_any`).
+    pub scopes: &'a [String],
+    pub acr_values: &'a [String],
+    pub max_age: Option<u64>,
+}
+
+/// A refusal as sent: status, optional `WWW-Authenticate`, short generic body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u32,
+    pub www_authenticate: Option<String>,
+    pub body: &'static str,
+}
+
+/// Maps a denial reason to the answer the client gets (DESIGN.md §3).
+pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
+    let (status, www, body) = match reason {
+        Reason::BadPath => (400, None, "bad request\n"),
+        Reason::NoRule => (403, None, "forbidden\n"),
+        Reason::MissingToken => (
+            401,
+            Some(format!("Bearer realm=\"{realm}\"")),
+            "authentication required\n",
+        ),
+        Reason::InvalidRequest => (
+            400,
+            Some("Bearer error=\"invalid_request\"".to_string()),
+            "bad request\n",
+        ),
+        Reason::InsufficientScope => {
+            let mut www = String::from("Bearer error=\"insufficient_scope\"");
+            if !challenge.scopes.is_empty() {
+                // Config guarantees scope tokens hold no quote or backslash.
+                let _ = write!(www, ", scope=\"{}\"", challenge.scopes.join(" "));
+            }
+            (403, Some(www), "insufficient scope\n")
+        }
+        Reason::StepUpRequired(_) => {
+            let mut www = String::from(
+                "Bearer error=\"insufficient_user_authentication\", \
+                 error_description=\"A different authentication level is required\"",
+            );
+            if !challenge.acr_values.is_empty() {
+                let _ = write!(www, ", acr_values=\"{}\"", challenge.acr_values.join(" "));
+            }
+            if let Some(max_age) = challenge.max_age {
+                let _ = write!(www, ", max_age={max_age}");
+            }
+            (401, Some(www), "stronger authentication required\n")
+        }
+        Reason::KeysUnavailable => (503, None, "service unavailable\n"),
+        Reason::Ok => (500, None, "internal error\n"),
+        Reason::Malformed
+        | Reason::AlgNotAllowed
+        | Reason::BadType
+        | Reason::UnsupportedCrit
+        | Reason::UnknownIssuer
+        | Reason::WrongAudience
+        | Reason::MissingExp
+        | Reason::Expired
+        | Reason::NotYetValid
+        | Reason::LifetimeTooLong
+        | Reason::UnknownKey
+        | Reason::InvalidSignature
+        | Reason::TokenTooOld
+        | Reason::Revoked => (
+            401,
+            Some("Bearer error=\"invalid_token\"".to_string()),
+            "invalid token\n",
+        ),
+    };
+    Answer {
+        status,
+        www_authenticate: www,
+        body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_match_the_contract() {
+        let none = Challenge::default();
+        let a = deny(Reason::MissingToken, "phi-guard", none);
+        assert_eq!(
+            (a.status, a.www_authenticate.as_deref()),
+            (401, Some("Bearer realm=\"phi-guard\""))
+        );
+        for r in [
+            Reason::Expired,
+            Reason::InvalidSignature,
+            Reason::UnknownKey,
+            Reason::TokenTooOld,
+        ] {
+            let a = deny(r, "x", none);
+            assert_eq!(
+                (a.status, a.www_authenticate.as_deref()),
+                (401, Some("Bearer error=\"invalid_token\""))
+            );
+        }
+        let scopes = vec!["a:b".to_string(), "c".to_string()];
+        let a = deny(
+            Reason::InsufficientScope,
+            "x",
+            Challenge {
+                scopes: &scopes,
+                ..none
+            },
+        );
+        assert_eq!(a.status, 403);
+        assert_eq!(
+            a.www_authenticate.as_deref(),
+            Some("Bearer error=\"insufficient_scope\", scope=\"a:b c\"")
+        );
+        let acr = vec!["urn:mfa".to_string(), "urn:hw".to_string()];
+        let a = deny(
+            Reason::StepUpRequired(StepUpFailure::Age),
+            "x",
+            Challenge {
+                acr_values: &acr,
+                max_age: Some(300),
+                ..none
+            },
+        );
+        assert_eq!(a.status, 401);
+        assert_eq!(
+            a.www_authenticate.as_deref(),
+            Some(
+                "Bearer error=\"insufficient_user_authentication\", error_description=\"A different authentication level is required\", acr_values=\"urn:mfa urn:hw\", max_age=300"
+            )
+        );
+        assert_eq!(deny(Reason::NoRule, "x", none).status, 403);
+        assert_eq!(deny(Reason::BadPath, "x", none).status, 400);
+        assert_eq!(deny(Reason::KeysUnavailable, "x", none).status, 503);
+        assert_eq!(deny(Reason::InvalidRequest, "x", none).status, 400);
+    }
+
+    #[test]
+    fn codes_are_unique() {
+        let mut codes: Vec<_> = Reason::ALL.iter().map(|r| r.code()).collect();
+        codes.sort_unstable();
+        let n = codes.len();
+        codes.dedup();
+        // The three step-up variants share one code.
+        assert_eq!(codes.len(), n - 2);
+    }
+}

@@ -57,6 +57,42 @@ struct RawConfig {
     realm: String,
     #[serde(default)]
     rules: Vec<RawRule>,
+    #[serde(default)]
+    claims_to_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    roles_claim: Option<String>,
+    #[serde(default)]
+    role_scopes: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    step_up_defaults: Option<RawStepUp>,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    #[serde(default)]
+    hmac_key_env: Option<String>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawStepUp {
+    #[serde(default)]
+    acr_values: Vec<String>,
+    #[serde(default)]
+    amr_any: Vec<String>,
+    #[serde(default)]
+    max_age_seconds: Option<u64>,
+}
+
+/// A rule's `step_up`: inline, or `"default"` for `step_up_defaults`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawStepUpRef {
+    Named(String),
+    Inline(RawStepUp),
 }
 
 #[derive(Deserialize)]
@@ -104,6 +140,8 @@ struct RawRule {
     scopes_any: Vec<String>,
     #[serde(default)]
     max_token_age_seconds: Option<u64>,
+    #[serde(default)]
+    step_up: Option<RawStepUpRef>,
 }
 
 mod defaults {
@@ -161,6 +199,49 @@ pub struct Policy {
     pub verified_token_cache_size: usize,
     pub realm: String,
     pub rules: Vec<Rule>,
+    /// What to forward upstream on allow, as (what, header name).
+    pub claims_to_headers: Vec<(ForwardedClaim, String)>,
+    /// The claim holding roles, and the scopes each role adds.
+    pub roles_claim: Option<String>,
+    pub role_scopes: BTreeMap<String, Vec<String>>,
+    /// Environment variable holding the audit HMAC key, if any.
+    pub audit_hmac_key_env: Option<String>,
+}
+
+/// Something the filter can forward to the upstream as a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedClaim {
+    Sub,
+    Iss,
+    ClientId,
+    Azp,
+    Jti,
+    Acr,
+    /// The granted scopes, space-separated.
+    Scopes,
+    /// The id of the rule that allowed the request.
+    Rule,
+}
+
+impl ForwardedClaim {
+    const NAMES: [(&'static str, ForwardedClaim); 8] = [
+        ("sub", ForwardedClaim::Sub),
+        ("iss", ForwardedClaim::Iss),
+        ("client_id", ForwardedClaim::ClientId),
+        ("azp", ForwardedClaim::Azp),
+        ("jti", ForwardedClaim::Jti),
+        ("acr", ForwardedClaim::Acr),
+        ("scopes", ForwardedClaim::Scopes),
+        ("rule", ForwardedClaim::Rule),
+    ];
+}
+
+/// Step-up requirements of a rule (RFC 9470); an empty part is not checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepUp {
+    pub acr_values: Vec<String>,
+    pub amr_any: Vec<String>,
+    pub max_age: Option<u64>,
 }
 
 /// One trusted token issuer.
@@ -201,6 +282,7 @@ pub struct Rule {
     pub scopes: Vec<String>,
     pub scopes_any: Vec<String>,
     pub max_token_age: Option<u64>,
+    pub step_up: Option<StepUp>,
 }
 
 impl Rule {
@@ -263,17 +345,80 @@ impl Policy {
                 "must be non-empty printable ASCII without quotes or backslashes",
             ));
         }
+        let defaults = match &raw.step_up_defaults {
+            None => None,
+            Some(d) => Some(compile_step_up(d.clone(), "step_up_defaults")?),
+        };
         let mut ids = HashSet::new();
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
             let at = |f: &str| format!("rules[{i}].{f}");
-            let rule = compile_rule(r, &at)?;
+            let rule = compile_rule(r, &at, defaults.as_ref())?;
             if !ids.insert(rule.id.clone()) {
                 return Err(err(at("id"), "duplicate rule id"));
             }
             rules.push(rule);
         }
+        let mut claims_to_headers = Vec::with_capacity(raw.claims_to_headers.len());
+        let mut header_names = HashSet::new();
+        for (claim, header) in raw.claims_to_headers {
+            let at = format!("claims_to_headers.{claim}");
+            let what = ForwardedClaim::NAMES
+                .iter()
+                .find(|(name, _)| *name == claim)
+                .map(|(_, w)| *w)
+                .ok_or_else(|| {
+                    err(
+                        &at,
+                        "unknown claim (one of sub, iss, client_id, azp, jti, acr, scopes, rule)",
+                    )
+                })?;
+            let header = header.to_ascii_lowercase();
+            if !is_forwardable_header(&header) {
+                return Err(err(&at, format!("{header:?} cannot carry identity (use a custom name such as x-phi-subject)")));
+            }
+            if !header_names.insert(header.clone()) {
+                return Err(err(&at, "two claims forwarded in the same header"));
+            }
+            claims_to_headers.push((what, header));
+        }
+        if let Some(claim) = &raw.roles_claim {
+            if claim.is_empty() {
+                return Err(err("roles_claim", "must not be empty"));
+            }
+            if raw.role_scopes.is_empty() {
+                return Err(err(
+                    "role_scopes",
+                    "roles_claim needs role_scopes (role -> scopes)",
+                ));
+            }
+        } else if !raw.role_scopes.is_empty() {
+            return Err(err(
+                "roles_claim",
+                "role_scopes needs roles_claim (the claim holding roles)",
+            ));
+        }
+        for (role, scopes) in &raw.role_scopes {
+            if let Some(bad) = scopes.iter().find(|s| !is_scope_token(s)) {
+                return Err(err(
+                    format!("role_scopes.{role}"),
+                    format!("{bad:?} is not a valid scope"),
+                ));
+            }
+        }
+        if let Some(name) = &raw.audit.hmac_key_env {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(err(
+                    "audit.hmac_key_env",
+                    "must be an environment variable name",
+                ));
+            }
+        }
         Ok(Policy {
+            claims_to_headers,
+            roles_claim: raw.roles_claim,
+            role_scopes: raw.role_scopes,
+            audit_hmac_key_env: raw.audit.hmac_key_env,
             providers,
             clock_skew: raw.clock_skew_seconds,
             max_token_lifetime: raw.max_token_lifetime_seconds,
@@ -372,7 +517,56 @@ fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provi
     })
 }
 
-fn compile_rule(r: RawRule, at: &dyn Fn(&str) -> String) -> Result<Rule, ConfigError> {
+fn compile_step_up(raw: RawStepUp, at: &str) -> Result<StepUp, ConfigError> {
+    for (field, list) in [("acr_values", &raw.acr_values), ("amr_any", &raw.amr_any)] {
+        if let Some(bad) = list
+            .iter()
+            .find(|v| v.is_empty() || !v.chars().all(|c| is_quoted_string_safe(c) && c != ' '))
+        {
+            return Err(err(format!("{at}.{field}"), format!("{bad:?}: values are non-empty printable ASCII without spaces, quotes or backslashes")));
+        }
+    }
+    if raw.acr_values.is_empty() && raw.amr_any.is_empty() && raw.max_age_seconds.is_none() {
+        return Err(err(
+            at,
+            "set at least one of acr_values, amr_any, max_age_seconds",
+        ));
+    }
+    Ok(StepUp {
+        acr_values: raw.acr_values,
+        amr_any: raw.amr_any,
+        max_age: raw.max_age_seconds,
+    })
+}
+
+/// Header names a client could otherwise use to smuggle identity are ours to set;
+/// names Envoy or HTTP give meaning to are not.
+fn is_forwardable_header(name: &str) -> bool {
+    const RESERVED: [&str; 10] = [
+        "authorization",
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "upgrade",
+        "cookie",
+        "x-request-id",
+    ];
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !RESERVED.contains(&name)
+        && !name.starts_with("x-envoy-")
+}
+
+fn compile_rule(
+    r: RawRule,
+    at: &dyn Fn(&str) -> String,
+    step_up_defaults: Option<&StepUp>,
+) -> Result<Rule, ConfigError> {
     if r.id.is_empty()
         || !r
             .id
@@ -411,13 +605,35 @@ fn compile_rule(r: RawRule, at: &dyn Fn(&str) -> String) -> Result<Rule, ConfigE
         }
     }
     if r.public
-        && (!r.scopes.is_empty() || !r.scopes_any.is_empty() || r.max_token_age_seconds.is_some())
+        && (!r.scopes.is_empty()
+            || !r.scopes_any.is_empty()
+            || r.max_token_age_seconds.is_some()
+            || r.step_up.is_some())
     {
         return Err(err(
             at("public"),
-            "a public rule cannot require scopes or token age",
+            "a public rule cannot require scopes, token age or step-up",
         ));
     }
+    let step_up = match r.step_up {
+        None => None,
+        Some(RawStepUpRef::Named(name)) if name == "default" => match step_up_defaults {
+            Some(d) => Some(d.clone()),
+            None => {
+                return Err(err(
+                    at("step_up"),
+                    "\"default\" needs a top-level step_up_defaults",
+                ))
+            }
+        },
+        Some(RawStepUpRef::Named(name)) => {
+            return Err(err(
+                at("step_up"),
+                format!("{name:?}: only \"default\" or an object is allowed"),
+            ))
+        }
+        Some(RawStepUpRef::Inline(raw)) => Some(compile_step_up(raw, &at("step_up"))?),
+    };
     Ok(Rule {
         id: r.id,
         methods,
@@ -426,6 +642,7 @@ fn compile_rule(r: RawRule, at: &dyn Fn(&str) -> String) -> Result<Rule, ConfigE
         scopes: r.scopes,
         scopes_any: r.scopes_any,
         max_token_age: r.max_token_age_seconds,
+        step_up,
     })
 }
 
@@ -457,7 +674,3 @@ fn split_http_uri(uri: &str) -> Option<(String, String)> {
     }
     Some((authority.to_string(), path.to_string()))
 }
-
-/// For `BTreeMap`-based fields added later; keeps ordering deterministic.
-#[allow(dead_code)]
-type Map<V> = BTreeMap<String, V>;

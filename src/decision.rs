@@ -1,1 +1,677 @@
-//! placeholder
+//! One request's decision: path safety, rule, token, token age, scopes,
+//! step-up — in that order, each a value the host turns into an answer.
+
+use std::rc::Rc;
+
+use crate::answer::{Challenge, Reason, StepUpFailure};
+use crate::config::{ForwardedClaim, Policy, Rule, StepUp};
+use crate::jwks::KeySet;
+use crate::rules::{query_has_access_token, scopes_satisfied, SafePath};
+use crate::token::{self, TokenCache, Unverified, VerifiedToken};
+
+/// What the host read from the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Envoy's `:path`, query included.
+    pub path: &'a str,
+    /// Every `Authorization` header value.
+    pub authorization: &'a [&'a str],
+}
+
+/// The outcome of [`decide`].
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Allow {
+        rule: usize,
+        /// The verified token (`None` on a public rule).
+        token: Option<Rc<VerifiedToken>>,
+    },
+    Deny {
+        reason: Reason,
+        rule: Option<usize>,
+        /// Set once the token verified, so the audit can name who was refused.
+        token: Option<Rc<VerifiedToken>>,
+    },
+    /// Keys are missing or lack the token's `kid`; ask again after a fetch.
+    Wait { provider: usize, unknown_kid: bool },
+}
+
+/// Counters the host turns into stats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trace {
+    /// Whether the verified-token cache answered (`None`: not consulted).
+    pub token_cache_hit: Option<bool>,
+}
+
+/// Decides `req` at Unix time `now`.
+///
+/// `keys(provider)` gives usable keys. With `may_wait`, missing keys or an
+/// unknown `kid` yield [`Verdict::Wait`]; without, they are final (503 or 401).
+pub fn decide<'k>(
+    policy: &Policy,
+    keys: &dyn Fn(usize) -> Option<&'k KeySet>,
+    cache: &mut TokenCache,
+    req: &Request<'_>,
+    now: i64,
+    may_wait: bool,
+    trace: &mut Trace,
+) -> Verdict {
+    let deny = |reason, rule, token| Verdict::Deny {
+        reason,
+        rule,
+        token,
+    };
+    let path = match SafePath::parse(req.path) {
+        Ok(p) => p,
+        Err(_) => return deny(Reason::BadPath, None, None),
+    };
+    let Some((index, rule)) = policy
+        .rules
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.allows_method(req.method) && r.path.matches(&path))
+    else {
+        return deny(Reason::NoRule, None, None);
+    };
+    if rule.public {
+        return Verdict::Allow {
+            rule: index,
+            token: None,
+        };
+    }
+    let bearer = match token::extract_bearer(req.authorization) {
+        Ok(b) => b,
+        Err(reason) => return deny(reason, Some(index), None),
+    };
+    let Some(raw) = bearer else {
+        return deny(Reason::MissingToken, Some(index), None);
+    };
+    // A token in the query as well as the header: two credentials, read neither.
+    if query_has_access_token(req.path) {
+        return deny(Reason::InvalidRequest, Some(index), None);
+    }
+
+    let digest = token::token_digest(raw);
+    let verified = match cache.get(&digest) {
+        Some(hit) => {
+            trace.token_cache_hit = Some(true);
+            if let Err(reason) = token::check_times(policy, hit.exp, hit.nbf, hit.iat, now) {
+                return deny(reason, Some(index), None);
+            }
+            hit
+        }
+        None => {
+            trace.token_cache_hit = Some(false);
+            match token::verify(policy, keys, raw, now) {
+                Ok(v) => {
+                    let v = Rc::new(v);
+                    cache.insert(digest, Rc::clone(&v));
+                    v
+                }
+                Err(Unverified::Refused(reason)) => return deny(reason, Some(index), None),
+                Err(Unverified::NoKeys { provider }) if may_wait => {
+                    return Verdict::Wait {
+                        provider,
+                        unknown_kid: false,
+                    }
+                }
+                Err(Unverified::UnknownKid { provider }) if may_wait => {
+                    return Verdict::Wait {
+                        provider,
+                        unknown_kid: true,
+                    }
+                }
+                Err(Unverified::NoKeys { .. }) => {
+                    return deny(Reason::KeysUnavailable, Some(index), None)
+                }
+                Err(Unverified::UnknownKid { .. }) => {
+                    return deny(Reason::UnknownKey, Some(index), None)
+                }
+            }
+        }
+    };
+    match authorize(policy, rule, &verified, now) {
+        Ok(()) => Verdict::Allow {
+            rule: index,
+            token: Some(verified),
+        },
+        Err(reason) => deny(reason, Some(index), Some(verified)),
+    }
+}
+
+/// The per-rule checks on a verified token: age, scopes, step-up.
+fn authorize(policy: &Policy, rule: &Rule, t: &VerifiedToken, now: i64) -> Result<(), Reason> {
+    let skew = i64::try_from(policy.clock_skew).unwrap_or(i64::MAX);
+    let fresh = |at: Option<i64>, max_age: u64| {
+        let max_age = i64::try_from(max_age).unwrap_or(i64::MAX);
+        at.is_some_and(|at| {
+            now.saturating_sub(at) <= max_age.saturating_add(skew) && at <= now.saturating_add(skew)
+        })
+    };
+    if let Some(max_age) = rule.max_token_age {
+        if !fresh(t.iat, max_age) {
+            return Err(Reason::TokenTooOld);
+        }
+    }
+    if !scopes_satisfied(&t.scopes, &rule.scopes, &rule.scopes_any) {
+        return Err(Reason::InsufficientScope);
+    }
+    if let Some(step_up) = &rule.step_up {
+        check_step_up(step_up, t, &fresh).map_err(Reason::StepUpRequired)?;
+    }
+    Ok(())
+}
+
+/// RFC 9470: the token's `acr`, `amr` and `auth_time` against the rule.
+fn check_step_up(
+    s: &StepUp,
+    t: &VerifiedToken,
+    fresh: &dyn Fn(Option<i64>, u64) -> bool,
+) -> Result<(), StepUpFailure> {
+    if !s.acr_values.is_empty() && !t.acr.as_ref().is_some_and(|a| s.acr_values.contains(a)) {
+        return Err(StepUpFailure::Acr);
+    }
+    if !s.amr_any.is_empty() && !t.amr.iter().any(|m| s.amr_any.contains(m)) {
+        return Err(StepUpFailure::Amr);
+    }
+    if let Some(max_age) = s.max_age {
+        if !fresh(t.auth_time, max_age) {
+            return Err(StepUpFailure::Age);
+        }
+    }
+    Ok(())
+}
+
+/// What a challenge for `rule` must name.
+pub fn challenge(rule: Option<&Rule>) -> Challenge<'_> {
+    match rule {
+        None => Challenge::default(),
+        Some(r) => Challenge {
+            scopes: if r.scopes.is_empty() {
+                &r.scopes_any
+            } else {
+                &r.scopes
+            },
+            acr_values: r.step_up.as_ref().map_or(&[], |s| s.acr_values.as_slice()),
+            max_age: r.step_up.as_ref().and_then(|s| s.max_age),
+        },
+    }
+}
+
+/// The identity headers to add upstream on allow, per `claims_to_headers`.
+/// A value that is not plain visible ASCII is left out rather than mangled.
+pub fn forwarded_headers<'p>(
+    policy: &'p Policy,
+    rule: &Rule,
+    token: Option<&VerifiedToken>,
+) -> Vec<(&'p str, String)> {
+    let mut out = Vec::with_capacity(policy.claims_to_headers.len());
+    for (what, header) in &policy.claims_to_headers {
+        let value = match (what, token) {
+            (ForwardedClaim::Rule, _) => Some(rule.id.clone()),
+            (_, None) => None,
+            (ForwardedClaim::Sub, Some(t)) => t.sub.clone(),
+            (ForwardedClaim::Iss, Some(t)) => {
+                policy.providers.get(t.provider).map(|p| p.issuer.clone())
+            }
+            (ForwardedClaim::ClientId, Some(t)) => t.client_id.clone(),
+            (ForwardedClaim::Azp, Some(t)) => t.azp.clone(),
+            (ForwardedClaim::Jti, Some(t)) => t.jti.clone(),
+            (ForwardedClaim::Acr, Some(t)) => t.acr.clone(),
+            (ForwardedClaim::Scopes, Some(t)) => {
+                Some(t.scopes.iter().collect::<Vec<_>>().join(" "))
+            }
+        };
+        if let Some(v) =
+            value.filter(|v| !v.is_empty() && v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        {
+            out.push((header.as_str(), v));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::*;
+    use serde_json::json;
+
+    struct Case<'a> {
+        method: &'a str,
+        path: &'a str,
+        auth: Vec<String>,
+    }
+
+    fn run(policy: &Policy, kit: &Kit, c: Case<'_>, now: i64) -> Verdict {
+        let auth: Vec<&str> = c.auth.iter().map(String::as_str).collect();
+        let req = Request {
+            method: c.method,
+            path: c.path,
+            authorization: &auth,
+        };
+        decide(
+            policy,
+            &|_| Some(&kit.keys),
+            &mut TokenCache::new(0),
+            &req,
+            now,
+            true,
+            &mut Trace::default(),
+        )
+    }
+
+    fn reason(v: &Verdict) -> Option<Reason> {
+        match v {
+            Verdict::Deny { reason, .. } => Some(*reason),
+            Verdict::Allow { .. } => Some(Reason::Ok),
+            Verdict::Wait { .. } => None,
+        }
+    }
+
+    fn rules() -> Vec<serde_json::Value> {
+        vec![
+            json!({"id": "health", "path": "/healthz", "public": true}),
+            json!({"id": "patient-read", "methods": ["GET"], "path": "/fhir/Patient/{id}", "scopes": ["read:patient-profile"]}),
+            json!({"id": "billing", "methods": ["PUT", "PATCH"], "path": "/billing/{account}", "scopes": ["update:billing"]}),
+            json!({"id": "lab-delete", "methods": ["DELETE"], "path": "/labs/{id}", "scopes": ["delete:lab-results"], "max_token_age_seconds": 300}),
+            json!({"id": "any-of", "path": "/docs/{rest=**}", "scopes_any": ["docs:read", "docs:admin"]}),
+            json!({"id": "export", "methods": ["GET"], "path": "/fhir/$export", "scopes": ["export:bulk"],
+                   "step_up": {"acr_values": ["urn:mfa", "urn:hw"], "amr_any": ["otp", "hwk"], "max_age_seconds": 300}}),
+        ]
+    }
+
+    #[test]
+    fn rule_table() {
+        let kit = Kit::new();
+        let policy = kit.policy(&rules());
+        let tok = |scope: &str| {
+            let mut c = kit.claims();
+            c["scope"] = scope.into();
+            vec![format!("Bearer {}", kit.es256.sign(&c, &[]))]
+        };
+        let table: Vec<(&str, &str, Vec<String>, Reason)> = vec![
+            ("GET", "/healthz", vec![], Reason::Ok),
+            ("GET", "/healthz", vec!["Bearer garbage".into()], Reason::Ok),
+            (
+                "GET",
+                "/fhir/Patient/1",
+                tok("read:patient-profile"),
+                Reason::Ok,
+            ),
+            (
+                "GET",
+                "/fhir/Patient/1?x=1",
+                tok("read:patient-profile"),
+                Reason::Ok,
+            ),
+            ("GET", "/fhir/Patient/1", vec![], Reason::MissingToken),
+            (
+                "GET",
+                "/fhir/Patient/1?access_token=abc",
+                vec![],
+                Reason::MissingToken,
+            ),
+            (
+                "GET",
+                "/fhir/Patient/1?access_token=abc",
+                tok("read:patient-profile"),
+                Reason::InvalidRequest,
+            ),
+            (
+                "GET",
+                "/fhir/Patient/1",
+                tok("read:other"),
+                Reason::InsufficientScope,
+            ),
+            (
+                "GET",
+                "/fhir/Patient/1",
+                tok("read:*"),
+                Reason::InsufficientScope,
+            ),
+            (
+                "POST",
+                "/fhir/Patient/1",
+                tok("read:patient-profile"),
+                Reason::NoRule,
+            ),
+            (
+                "GET",
+                "/fhir/Patient/1/x",
+                tok("read:patient-profile"),
+                Reason::NoRule,
+            ),
+            (
+                "GET",
+                "/unknown",
+                tok("read:patient-profile"),
+                Reason::NoRule,
+            ),
+            (
+                "GET",
+                "/fhir/Patient/%2e%2e/x",
+                tok("read:patient-profile"),
+                Reason::BadPath,
+            ),
+            (
+                "GET",
+                "/fhir/Patient/a%2Fb",
+                tok("read:patient-profile"),
+                Reason::BadPath,
+            ),
+            (
+                "GET",
+                "/fhir//Patient/1",
+                tok("read:patient-profile"),
+                Reason::BadPath,
+            ),
+            ("PATCH", "/billing/9", tok("update:billing"), Reason::Ok),
+            (
+                "PATCH",
+                "/billing/9",
+                tok("update:billing:all"),
+                Reason::InsufficientScope,
+            ),
+            ("GET", "/docs/a/b", tok("docs:admin"), Reason::Ok),
+            (
+                "GET",
+                "/docs/a/b",
+                tok("docs:write"),
+                Reason::InsufficientScope,
+            ),
+        ];
+        for (method, path, auth, want) in table {
+            let got = run(&policy, &kit, Case { method, path, auth }, NOW);
+            assert_eq!(reason(&got), Some(want), "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn token_age_and_step_up() {
+        let kit = Kit::new();
+        let policy = kit.policy(&rules());
+        let go = |method, path, edit: &dyn Fn(&mut serde_json::Value), now| {
+            let mut c = kit.claims();
+            edit(&mut c);
+            let auth = vec![format!("Bearer {}", kit.eddsa.sign(&c, &[]))];
+            reason(&run(&policy, &kit, Case { method, path, auth }, now))
+        };
+        let lab = |iat: i64| {
+            move |c: &mut serde_json::Value| {
+                c["scope"] = "delete:lab-results".into();
+                c["iat"] = iat.into();
+                c["exp"] = (iat + 900).into();
+            }
+        };
+        // max_token_age 300, skew 60.
+        assert_eq!(
+            go("DELETE", "/labs/1", &lab(NOW - 360), NOW),
+            Some(Reason::Ok)
+        );
+        assert_eq!(
+            go("DELETE", "/labs/1", &lab(NOW - 361), NOW),
+            Some(Reason::TokenTooOld)
+        );
+        let no_iat = |c: &mut serde_json::Value| {
+            c["scope"] = "delete:lab-results".into();
+            c.as_object_mut().unwrap().remove("iat");
+        };
+        assert_eq!(
+            go("DELETE", "/labs/1", &no_iat, NOW),
+            Some(Reason::TokenTooOld)
+        );
+
+        let export = |acr: Option<&str>, amr: &[&str], auth_time: Option<i64>, scope: &str| {
+            let (acr, amr, scope) = (
+                acr.map(str::to_owned),
+                amr.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                scope.to_owned(),
+            );
+            move |c: &mut serde_json::Value| {
+                c["scope"] = scope.clone().into();
+                if let Some(a) = &acr {
+                    c["acr"] = a.clone().into();
+                }
+                c["amr"] = json!(amr);
+                if let Some(t) = auth_time {
+                    c["auth_time"] = t.into();
+                }
+            }
+        };
+        let s = |f| Some(Reason::StepUpRequired(f));
+        let ok_time = Some(NOW - 100);
+        assert_eq!(
+            go(
+                "GET",
+                "/fhir/$export",
+                &export(Some("urn:hw"), &["otp"], ok_time, "export:bulk"),
+                NOW
+            ),
+            Some(Reason::Ok)
+        );
+        assert_eq!(
+            go(
+                "GET",
+                "/fhir/$export",
+                &export(None, &["otp"], ok_time, "export:bulk"),
+                NOW
+            ),
+            s(StepUpFailure::Acr)
+        );
+        assert_eq!(
+            go(
+                "GET",
+                "/fhir/$export",
+                &export(Some("urn:pwd"), &["otp"], ok_time, "export:bulk"),
+                NOW
+            ),
+            s(StepUpFailure::Acr)
+        );
+        assert_eq!(
+            go(
+                "GET",
+                "/fhir/$export",
+                &export(Some("urn:mfa"), &["pwd"], ok_time, "export:bulk"),
+                NOW
+            ),
+            s(StepUpFailure::Amr)
+        );
+        assert_eq!(
+            go(
+                "GET",
+                "/fhir/$export",
+                &export(Some("urn:mfa"), &["hwk"], None, "export:bulk"),
+                NOW
+            ),
+            s(StepUpFailure::Age)
+        );
+        // max_age 300 plus 60 s skew: exactly at the boundary passes, one second more fails.
+        assert_eq!(
+            go(
+                "GET",
+                "/fhir/$export",
+                &export(Some("urn:mfa"), &["hwk"], Some(NOW - 360), "export:bulk"),
+                NOW
+            ),
+            Some(Reason::Ok)
+        );
+        assert_eq!(
+            go(
+                "GET",
+                "/fhir/$export",
+                &export(Some("urn:mfa"), &["hwk"], Some(NOW - 361), "export:bulk"),
+                NOW
+            ),
+            s(StepUpFailure::Age)
+        );
+        assert_eq!(
+            go(
+                "GET",
+                "/fhir/$export",
+                &export(Some("urn:mfa"), &["hwk"], Some(NOW + 61), "export:bulk"),
+                NOW
+            ),
+            s(StepUpFailure::Age)
+        );
+        // Scope is checked before step-up.
+        assert_eq!(
+            go(
+                "GET",
+                "/fhir/$export",
+                &export(None, &[], None, "read:patient-profile"),
+                NOW
+            ),
+            Some(Reason::InsufficientScope)
+        );
+    }
+
+    #[test]
+    fn step_up_parts_are_optional_and_default_is_shared() {
+        let kit = Kit::new();
+        let policy = kit.policy_with(|p| {
+            p["step_up_defaults"] = json!({"acr_values": ["urn:mfa"]});
+            p["rules"] = json!([
+                {"id": "a", "path": "/a", "step_up": "default"},
+                {"id": "b", "path": "/b", "step_up": {"max_age_seconds": 10}},
+            ]);
+        });
+        let go = |path, acr: Option<&str>, auth_time: Option<i64>| {
+            let mut c = kit.claims();
+            if let Some(a) = acr {
+                c["acr"] = a.into();
+            }
+            if let Some(t) = auth_time {
+                c["auth_time"] = t.into();
+            }
+            let auth = vec![format!("Bearer {}", kit.es384.sign(&c, &[]))];
+            reason(&run(
+                &policy,
+                &kit,
+                Case {
+                    method: "GET",
+                    path,
+                    auth,
+                },
+                NOW,
+            ))
+        };
+        assert_eq!(go("/a", Some("urn:mfa"), None), Some(Reason::Ok));
+        assert_eq!(
+            go("/a", Some("urn:x"), Some(NOW)),
+            Some(Reason::StepUpRequired(StepUpFailure::Acr))
+        );
+        assert_eq!(go("/b", None, Some(NOW - 5)), Some(Reason::Ok));
+        assert_eq!(
+            go("/b", None, Some(NOW - 100)),
+            Some(Reason::StepUpRequired(StepUpFailure::Age))
+        );
+    }
+
+    #[test]
+    fn waiting_and_cache() {
+        let kit = Kit::new();
+        let policy = kit.policy(&rules());
+        let token = format!("Bearer {}", kit.rs256.sign(&kit.claims(), &[]));
+        let auth = [token.as_str()];
+        let req = Request {
+            method: "GET",
+            path: "/fhir/Patient/1",
+            authorization: &auth,
+        };
+        let mut cache = TokenCache::new(10);
+        let mut trace = Trace::default();
+        let no_keys = |_: usize| None;
+        assert!(matches!(
+            decide(&policy, &no_keys, &mut cache, &req, NOW, true, &mut trace),
+            Verdict::Wait {
+                provider: 0,
+                unknown_kid: false
+            }
+        ));
+        let v = decide(&policy, &no_keys, &mut cache, &req, NOW, false, &mut trace);
+        assert_eq!(reason(&v), Some(Reason::KeysUnavailable));
+        let keys = |_: usize| Some(&kit.keys);
+        assert_eq!(
+            reason(&decide(
+                &policy, &keys, &mut cache, &req, NOW, true, &mut trace
+            )),
+            Some(Reason::Ok)
+        );
+        assert_eq!(trace.token_cache_hit, Some(false));
+        // A hit needs no keys, and still ages.
+        assert_eq!(
+            reason(&decide(
+                &policy, &no_keys, &mut cache, &req, NOW, true, &mut trace
+            )),
+            Some(Reason::Ok)
+        );
+        assert_eq!(trace.token_cache_hit, Some(true));
+        assert_eq!(
+            reason(&decide(
+                &policy,
+                &keys,
+                &mut cache,
+                &req,
+                NOW + 661,
+                true,
+                &mut trace
+            )),
+            Some(Reason::Expired)
+        );
+        // Unknown kid.
+        let t = format!(
+            "Bearer {}",
+            kit.rs256.sign(&kit.claims(), &[("kid", "new".into())])
+        );
+        let auth = [t.as_str()];
+        let req = Request {
+            authorization: &auth,
+            ..req
+        };
+        assert!(matches!(
+            decide(&policy, &keys, &mut cache, &req, NOW, true, &mut trace),
+            Verdict::Wait {
+                provider: 0,
+                unknown_kid: true
+            }
+        ));
+        assert_eq!(
+            reason(&decide(
+                &policy, &keys, &mut cache, &req, NOW, false, &mut trace
+            )),
+            Some(Reason::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn forwarding_and_challenges() {
+        let kit = Kit::new();
+        let policy = kit.policy_with(|p| {
+            p["claims_to_headers"] = json!({"sub": "x-phi-subject", "scopes": "x-phi-scopes", "rule": "x-phi-rule", "acr": "x-phi-acr"});
+            p["rules"] = json!(rules());
+        });
+        let mut c = kit.claims();
+        c["sub"] = "evil\r\nx: y".into();
+        let v =
+            token::verify(&policy, &|_| Some(&kit.keys), &kit.es256.sign(&c, &[]), NOW).unwrap();
+        let rule = &policy.rules[1];
+        let got = forwarded_headers(&policy, rule, Some(&v));
+        assert_eq!(
+            got,
+            vec![
+                ("x-phi-rule", "patient-read".to_string()),
+                ("x-phi-scopes", "read:patient-profile".to_string())
+            ]
+        );
+        let ch = challenge(Some(&policy.rules[5]));
+        assert_eq!(ch.scopes, ["export:bulk"]);
+        assert_eq!(ch.acr_values, ["urn:mfa", "urn:hw"]);
+        assert_eq!(ch.max_age, Some(300));
+        assert_eq!(
+            challenge(Some(&policy.rules[4])).scopes,
+            ["docs:read", "docs:admin"]
+        );
+    }
+}

@@ -1,1 +1,501 @@
-//! placeholder
+//! JWKS documents (RFC 7517) turned into verifying keys, key selection by
+//! `kid`, and the freshness state of one provider's key cache. Time is passed
+//! in as Unix seconds; nothing here talks to the host.
+
+use std::fmt;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::Deserialize;
+
+use crate::config::JwksSource;
+use crate::crypto::{Alg, KeyKind, PublicKey};
+
+/// Largest JWKS document accepted; real ones are a few KiB.
+pub const MAX_JWKS_BYTES: usize = 64 * 1024;
+/// Most keys accepted in one document.
+pub const MAX_KEYS: usize = 64;
+
+/// Why a JWKS document was rejected as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksError {
+    TooLarge(usize),
+    NotJson(String),
+    TooManyKeys(usize),
+    /// Key number `index` is unusable for the reason given.
+    BadKey {
+        index: usize,
+        problem: String,
+    },
+    NoUsableKeys,
+}
+
+impl fmt::Display for JwksError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JwksError::TooLarge(n) => write!(f, "JWKS of {n} bytes (limit {MAX_JWKS_BYTES})"),
+            JwksError::NotJson(e) => write!(f, "JWKS is not a JSON key set: {e}"),
+            JwksError::TooManyKeys(n) => write!(f, "JWKS holds {n} keys (limit {MAX_KEYS})"),
+            JwksError::BadKey { index, problem } => write!(f, "JWKS key #{index}: {problem}"),
+            JwksError::NoUsableKeys => f.write_str("JWKS holds no usable signing key"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawSet {
+    keys: Vec<RawKey>,
+}
+
+/// One JWK as published. Only public members are read; `d` is looked for so a
+/// leaked private key is refused rather than silently used.
+#[derive(Deserialize)]
+struct RawKey {
+    kty: Option<String>,
+    kid: Option<String>,
+    alg: Option<String>,
+    #[serde(rename = "use")]
+    use_: Option<String>,
+    crv: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
+    d: Option<serde::de::IgnoredAny>,
+}
+
+/// A key ready to verify: its id, the algorithm it is bound to (from JWK `alg`,
+/// when the publisher stated one), and the key.
+#[derive(Debug)]
+pub struct Jwk {
+    pub kid: Option<String>,
+    pub alg: Option<Alg>,
+    pub key: PublicKey,
+}
+
+/// A parsed, validated key set.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    keys: Vec<Jwk>,
+}
+
+/// Why no key could be chosen for a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMiss {
+    /// No key carries the token's `kid` (or, without `kid`, none fits the alg).
+    UnknownKid,
+    /// A key has this `kid` but is bound to another algorithm or kind.
+    AlgMismatch,
+}
+
+impl KeySet {
+    /// Parses `doc`, keeping keys usable with one of `allowed`.
+    ///
+    /// The whole document is refused when it is not JSON, too large, holds a
+    /// structurally broken key, a private key, or an RSA key under 2048 bits:
+    /// such a document signals a broken or compromised publisher, and keeping
+    /// part of it would hide that. Keys for encryption, of unknown types, or
+    /// bound to algorithms not allowed here are skipped.
+    pub fn parse(doc: &[u8], allowed: &[Alg]) -> Result<KeySet, JwksError> {
+        if doc.len() > MAX_JWKS_BYTES {
+            return Err(JwksError::TooLarge(doc.len()));
+        }
+        let raw: RawSet =
+            serde_json::from_slice(doc).map_err(|e| JwksError::NotJson(e.to_string()))?;
+        if raw.keys.len() > MAX_KEYS {
+            return Err(JwksError::TooManyKeys(raw.keys.len()));
+        }
+        let mut keys = Vec::with_capacity(raw.keys.len());
+        for (index, key) in raw.keys.iter().enumerate() {
+            let bad = |problem: String| JwksError::BadKey { index, problem };
+            if key.d.is_some() {
+                return Err(bad("private key material published".into()));
+            }
+            if key.use_.as_deref().is_some_and(|u| u != "sig") {
+                continue;
+            }
+            let alg = match key.alg.as_deref() {
+                None => None,
+                Some(name) => match Alg::from_name(name) {
+                    Some(alg) if allowed.contains(&alg) => Some(alg),
+                    // Bound to an algorithm we do not take (HS256, RSA-OAEP, ...).
+                    _ => continue,
+                },
+            };
+            let public = match key.kty.as_deref() {
+                Some("RSA") => {
+                    let n = field(&key.n, "n").map_err(bad)?;
+                    let e = field(&key.e, "e").map_err(bad)?;
+                    PublicKey::rsa(&n, &e).map_err(|e| bad(e.to_string()))?
+                }
+                Some("EC") => {
+                    let kind = match key.crv.as_deref() {
+                        Some("P-256") => KeyKind::P256,
+                        Some("P-384") => KeyKind::P384,
+                        _ => continue,
+                    };
+                    let x = field(&key.x, "x").map_err(bad)?;
+                    let y = field(&key.y, "y").map_err(bad)?;
+                    PublicKey::ec(kind, &x, &y).map_err(|e| bad(e.to_string()))?
+                }
+                Some("OKP") => {
+                    if key.crv.as_deref() != Some("Ed25519") {
+                        continue;
+                    }
+                    let x = field(&key.x, "x").map_err(bad)?;
+                    PublicKey::ed25519(&x).map_err(|e| bad(e.to_string()))?
+                }
+                Some(_) => continue,
+                None => return Err(bad("no kty".into())),
+            };
+            if let Some(alg) = alg {
+                if alg.key_kind() != public.kind() {
+                    return Err(bad(format!("alg {alg} does not fit the key type")));
+                }
+            }
+            if !allowed.iter().any(|a| a.key_kind() == public.kind()) {
+                continue;
+            }
+            keys.push(Jwk {
+                kid: key.kid.clone(),
+                alg,
+                key: public,
+            });
+        }
+        if keys.is_empty() {
+            return Err(JwksError::NoUsableKeys);
+        }
+        Ok(KeySet { keys })
+    }
+
+    /// How many usable keys the set holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The set holds no keys.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The keys that may verify a token with header `alg` and `kid`.
+    ///
+    /// With a `kid`, only keys carrying it; a key bound by its JWK `alg` to
+    /// another algorithm does not count (RFC 8725 §3.1: the key decides).
+    /// Without a `kid`, every key of the right kind whose binding allows `alg`.
+    pub fn select(&self, kid: Option<&str>, alg: Alg) -> Result<Vec<&Jwk>, KeyMiss> {
+        let fits = |k: &&Jwk| k.key.kind() == alg.key_kind() && k.alg.is_none_or(|a| a == alg);
+        match kid {
+            Some(kid) => {
+                let named: Vec<&Jwk> = self
+                    .keys
+                    .iter()
+                    .filter(|k| k.kid.as_deref() == Some(kid))
+                    .collect();
+                if named.is_empty() {
+                    return Err(KeyMiss::UnknownKid);
+                }
+                let fitting: Vec<&Jwk> = named.into_iter().filter(fits).collect();
+                if fitting.is_empty() {
+                    Err(KeyMiss::AlgMismatch)
+                } else {
+                    Ok(fitting)
+                }
+            }
+            None => {
+                let fitting: Vec<&Jwk> = self.keys.iter().filter(fits).collect();
+                if fitting.is_empty() {
+                    Err(KeyMiss::UnknownKid)
+                } else {
+                    Ok(fitting)
+                }
+            }
+        }
+    }
+}
+
+fn field(value: &Option<String>, name: &str) -> Result<Vec<u8>, String> {
+    let text = value.as_deref().ok_or_else(|| format!("missing {name}"))?;
+    // Some publishers pad; RFC 7518 says not to, but the bytes are the same.
+    URL_SAFE_NO_PAD
+        .decode(text.trim_end_matches('='))
+        .map_err(|_| format!("{name} is not base64url"))
+}
+
+// ---------------------------------------------------------------------------
+// Cache state
+
+/// What the cache can offer a request right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// Keys within `cache_seconds + max_stale_seconds` of their fetch.
+    Usable,
+    /// No keys yet, or too stale; a fetch may still bring some.
+    Missing,
+}
+
+/// One provider's key-cache bookkeeping: when keys were fetched, whether a
+/// fetch is running, and when the last fetch for an unknown `kid` happened.
+/// The keys themselves live next to it, in the host; this only decides.
+#[derive(Debug, Clone, Default)]
+pub struct CacheClock {
+    /// When the current keys were fetched (`None`: never).
+    pub fetched_at: Option<u64>,
+    /// When the last fetch was started, and whether it is still running.
+    pub last_attempt: Option<u64>,
+    pub in_flight: bool,
+    /// The last fetch failed (or brought garbage).
+    pub last_failed: bool,
+    /// When the last refetch on an unknown `kid` was started.
+    pub last_kid_refetch: Option<u64>,
+}
+
+impl CacheClock {
+    /// Whether keys fetched at `fetched_at` may still be used at `now`.
+    pub fn availability(&self, src: &JwksSource, now: u64) -> Availability {
+        match self.fetched_at {
+            Some(at) if now <= at.saturating_add(src.cache_seconds + src.max_stale_seconds) => {
+                Availability::Usable
+            }
+            _ => Availability::Missing,
+        }
+    }
+
+    /// Whether a scheduled fetch is due at `now`: keys are older than
+    /// `cache_seconds`, or missing and the last attempt is `retry_seconds` old.
+    pub fn fetch_due(&self, src: &JwksSource, now: u64) -> bool {
+        if self.in_flight {
+            return false;
+        }
+        let retry_ok = self
+            .last_attempt
+            .is_none_or(|at| now >= at.saturating_add(src.retry_seconds));
+        match self.fetched_at {
+            None => retry_ok,
+            Some(at) => now >= at.saturating_add(src.cache_seconds) && retry_ok,
+        }
+    }
+
+    /// Whether a token with an unknown `kid` may trigger a refetch at `now`
+    /// (at most one per `min_refetch_seconds`, so junk `kid`s cannot make us
+    /// hammer the IdP).
+    pub fn kid_refetch_allowed(&self, src: &JwksSource, now: u64) -> bool {
+        self.last_kid_refetch
+            .is_none_or(|at| now >= at.saturating_add(src.min_refetch_seconds))
+    }
+
+    /// A fetch starts at `now`.
+    pub fn started(&mut self, now: u64, for_unknown_kid: bool) {
+        self.in_flight = true;
+        self.last_attempt = Some(now);
+        if for_unknown_kid {
+            self.last_kid_refetch = Some(now);
+        }
+    }
+
+    /// The fetch ended: with new keys fetched at `fetched_at`, or failed.
+    pub fn finished(&mut self, fetched_at: Option<u64>) {
+        self.in_flight = false;
+        self.last_failed = fetched_at.is_none();
+        if fetched_at.is_some() {
+            self.fetched_at = fetched_at;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::rsa::traits::PublicKeyParts;
+    use serde_json::json;
+
+    fn b64(bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn rsa_jwk(bits: usize, kid: &str, alg: Option<&str>) -> serde_json::Value {
+        let key = ::rsa::RsaPrivateKey::new(&mut rand::thread_rng(), bits).unwrap();
+        let mut jwk = json!({"kty": "RSA", "kid": kid, "n": b64(&key.n().to_bytes_be()), "e": b64(&key.e().to_bytes_be())});
+        if let Some(alg) = alg {
+            jwk["alg"] = json!(alg);
+        }
+        jwk
+    }
+
+    fn ed_jwk(kid: &str) -> serde_json::Value {
+        let pair = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new([7; 32]));
+        json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(pair.pk.as_ref())})
+    }
+
+    fn doc(keys: Vec<serde_json::Value>) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "keys": keys })).unwrap()
+    }
+
+    const ALL: &[Alg] = &Alg::ALL;
+
+    #[test]
+    fn parses_and_selects_by_kid_and_alg() {
+        let set = KeySet::parse(
+            &doc(vec![
+                rsa_jwk(2048, "r1", Some("RS256")),
+                rsa_jwk(2048, "r2", None),
+                ed_jwk("e1"),
+            ]),
+            ALL,
+        )
+        .unwrap();
+        assert_eq!(set.len(), 3);
+        assert_eq!(set.select(Some("r1"), Alg::Rs256).unwrap().len(), 1);
+        // r1 is bound to RS256 by its JWK alg: PS256 may not use it.
+        assert_eq!(
+            set.select(Some("r1"), Alg::Ps256).unwrap_err(),
+            KeyMiss::AlgMismatch
+        );
+        // r2 has no alg: any RSA algorithm fits.
+        assert_eq!(set.select(Some("r2"), Alg::Ps512).unwrap().len(), 1);
+        // An RSA kid with an EdDSA header is a mismatch, not a hit.
+        assert_eq!(
+            set.select(Some("r2"), Alg::EdDsa).unwrap_err(),
+            KeyMiss::AlgMismatch
+        );
+        assert_eq!(
+            set.select(Some("zz"), Alg::Rs256).unwrap_err(),
+            KeyMiss::UnknownKid
+        );
+        // No kid: every fitting key is a candidate.
+        assert_eq!(set.select(None, Alg::Rs256).unwrap().len(), 2);
+        assert_eq!(set.select(None, Alg::EdDsa).unwrap().len(), 1);
+        assert_eq!(
+            set.select(None, Alg::Es256).unwrap_err(),
+            KeyMiss::UnknownKid
+        );
+    }
+
+    #[test]
+    fn rejects_whole_documents() {
+        let small = doc(vec![ed_jwk("ok"), rsa_jwk(1024, "weak", None)]);
+        assert!(matches!(
+            KeySet::parse(&small, ALL),
+            Err(JwksError::BadKey { index: 1, .. })
+        ));
+        let mut private = ed_jwk("p");
+        private["d"] = json!("AAAA");
+        assert!(matches!(
+            KeySet::parse(&doc(vec![private]), ALL),
+            Err(JwksError::BadKey { .. })
+        ));
+        let mut broken = ed_jwk("b");
+        broken["x"] = json!("!!!");
+        assert!(matches!(
+            KeySet::parse(&doc(vec![broken]), ALL),
+            Err(JwksError::BadKey { .. })
+        ));
+        let mut short = ed_jwk("s");
+        short["x"] = json!("AAAA");
+        assert!(matches!(
+            KeySet::parse(&doc(vec![short]), ALL),
+            Err(JwksError::BadKey { .. })
+        ));
+        let off_curve =
+            json!({"kty": "EC", "crv": "P-256", "x": b64(&[1; 32]), "y": b64(&[2; 32])});
+        assert!(matches!(
+            KeySet::parse(&doc(vec![off_curve]), ALL),
+            Err(JwksError::BadKey { .. })
+        ));
+        let mut misbound = ed_jwk("m");
+        misbound["alg"] = json!("RS256");
+        assert!(matches!(
+            KeySet::parse(&doc(vec![misbound]), ALL),
+            Err(JwksError::BadKey { .. })
+        ));
+        for garbage in [&b"<html>"[..], b"{}", b"{\"keys\": 3}", b"", b"null"] {
+            assert!(
+                matches!(KeySet::parse(garbage, ALL), Err(JwksError::NotJson(_))),
+                "{garbage:?}"
+            );
+        }
+        let big = vec![b' '; MAX_JWKS_BYTES + 1];
+        assert!(matches!(
+            KeySet::parse(&big, ALL),
+            Err(JwksError::TooLarge(_))
+        ));
+        let many = doc((0..=MAX_KEYS).map(|i| ed_jwk(&i.to_string())).collect());
+        assert!(matches!(
+            KeySet::parse(&many, ALL),
+            Err(JwksError::TooManyKeys(_))
+        ));
+    }
+
+    #[test]
+    fn skips_keys_it_cannot_use() {
+        let hmac = json!({"kty": "oct", "k": "c2VjcmV0", "kid": "h", "alg": "HS256"});
+        let mut enc = ed_jwk("enc");
+        enc["use"] = json!("enc");
+        let x25519 = json!({"kty": "OKP", "crv": "X25519", "x": b64(&[9; 32])});
+        let set = KeySet::parse(&doc(vec![hmac.clone(), enc, x25519, ed_jwk("ok")]), ALL).unwrap();
+        assert_eq!(set.len(), 1);
+        assert_eq!(
+            set.select(Some("h"), Alg::Rs256).unwrap_err(),
+            KeyMiss::UnknownKid
+        );
+        assert_eq!(
+            KeySet::parse(&doc(vec![hmac]), ALL).unwrap_err(),
+            JwksError::NoUsableKeys
+        );
+        // Keys of a kind no allowed algorithm uses are skipped too.
+        assert_eq!(
+            KeySet::parse(&doc(vec![ed_jwk("e")]), &[Alg::Rs256]).unwrap_err(),
+            JwksError::NoUsableKeys
+        );
+    }
+
+    fn src() -> JwksSource {
+        JwksSource {
+            uri: "http://idp/jwks".into(),
+            authority: "idp".into(),
+            path: "/jwks".into(),
+            cluster: "idp".into(),
+            timeout_ms: 2000,
+            cache_seconds: 300,
+            max_stale_seconds: 3600,
+            min_refetch_seconds: 30,
+            retry_seconds: 1,
+        }
+    }
+
+    #[test]
+    fn cache_clock() {
+        let src = src();
+        let mut c = CacheClock::default();
+        assert_eq!(c.availability(&src, 1000), Availability::Missing);
+        assert!(c.fetch_due(&src, 1000));
+        c.started(1000, false);
+        assert!(!c.fetch_due(&src, 1001), "one fetch at a time");
+        c.finished(None);
+        assert!(c.last_failed);
+        assert!(!c.fetch_due(&src, 1000), "retry waits retry_seconds");
+        assert!(c.fetch_due(&src, 1001));
+        c.started(1001, false);
+        c.finished(Some(1001));
+        assert_eq!(c.availability(&src, 1001), Availability::Usable);
+        assert!(!c.fetch_due(&src, 1300));
+        assert!(c.fetch_due(&src, 1301));
+        // A failed refresh keeps the keys until max_stale.
+        c.started(1301, false);
+        c.finished(None);
+        assert_eq!(
+            c.availability(&src, 1001 + 300 + 3600),
+            Availability::Usable
+        );
+        assert_eq!(
+            c.availability(&src, 1001 + 300 + 3601),
+            Availability::Missing
+        );
+        // Unknown-kid refetches are rate limited.
+        assert!(c.kid_refetch_allowed(&src, 2000));
+        c.started(2000, true);
+        c.finished(Some(2000));
+        assert!(!c.kid_refetch_allowed(&src, 2029));
+        assert!(c.kid_refetch_allowed(&src, 2030));
+    }
+}

@@ -13,5 +13,8 @@ pub mod jwks;
 pub mod rules;
 pub mod token;
 
+#[cfg(test)]
+mod testkit;
+
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -1,1 +1,604 @@
-//! placeholder
+//! Bearer extraction (RFC 6750 §2.1) and one token's checks, in Envoy
+//! jwt_authn's order: parse, header, issuer, time, audience, key, signature.
+//! An `UntrustedToken` becomes a [`VerifiedToken`] only here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use jwt_compact::{Claims, UntrustedToken};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::answer::Reason;
+use crate::config::{Policy, Provider};
+use crate::crypto::{self, Alg};
+use crate::jwks::{KeyMiss, KeySet};
+use crate::rules::GrantedScopes;
+
+/// Largest `Authorization` header value accepted.
+pub const MAX_AUTHORIZATION_BYTES: usize = 8 * 1024;
+
+/// The bearer token of a request, if it carries exactly one.
+///
+/// `values` are all `Authorization` header values. Another scheme (Basic,
+/// say) is no bearer token. Two headers, a header over 8 KiB, or a
+/// credential with a space in it are refused as `invalid_request`: a request
+/// that could be read two ways is not read at all.
+pub fn extract_bearer<'a>(values: &[&'a str]) -> Result<Option<&'a str>, Reason> {
+    let value = match values {
+        [] => return Ok(None),
+        [one] => *one,
+        _ => return Err(Reason::InvalidRequest),
+    };
+    if value.len() > MAX_AUTHORIZATION_BYTES {
+        return Err(Reason::InvalidRequest);
+    }
+    let value = value.trim_matches([' ', '\t']);
+    let (scheme, rest) = match value.split_once([' ', '\t']) {
+        Some(parts) => parts,
+        None => (value, ""),
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Ok(None);
+    }
+    let token = rest.trim_start_matches([' ', '\t']);
+    if token.is_empty() {
+        return Ok(None);
+    }
+    if token.contains([' ', '\t', ',']) {
+        return Err(Reason::InvalidRequest);
+    }
+    Ok(Some(token))
+}
+
+/// SHA-256 of the token: the verified-token cache key, and (shortened) the
+/// audit fingerprint. The token itself is never stored.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// What phi-guard keeps of a token whose signature and issuer checked out:
+/// only what later checks and the audit record need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedToken {
+    pub provider: usize,
+    pub sub: Option<String>,
+    pub client_id: Option<String>,
+    pub azp: Option<String>,
+    pub jti: Option<String>,
+    pub acr: Option<String>,
+    pub amr: Vec<String>,
+    pub auth_time: Option<i64>,
+    pub exp: i64,
+    pub nbf: Option<i64>,
+    pub iat: Option<i64>,
+    pub scopes: GrantedScopes,
+}
+
+/// The header members phi-guard reads besides `alg`, `kid` and `typ`.
+#[derive(Deserialize, Clone, Debug, Default)]
+struct HeaderExt {
+    crit: Option<serde::de::IgnoredAny>,
+}
+
+/// A string or an array of strings (`aud`, `scp`).
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        let (one, many): (Option<&str>, &[String]) = match self {
+            OneOrMany::One(s) => (Some(s.as_str()), &[]),
+            OneOrMany::Many(v) => (None, v.as_slice()),
+        };
+        one.into_iter().chain(many.iter().map(String::as_str))
+    }
+}
+
+/// The claims phi-guard reads. `exp`, `nbf`, `iat` are jwt-compact's.
+#[derive(Deserialize, Debug)]
+struct RawClaims {
+    iss: Option<String>,
+    sub: Option<String>,
+    aud: Option<OneOrMany>,
+    scope: Option<String>,
+    scp: Option<OneOrMany>,
+    client_id: Option<String>,
+    azp: Option<String>,
+    jti: Option<String>,
+    acr: Option<String>,
+    amr: Option<Vec<String>>,
+    auth_time: Option<i64>,
+    /// Everything else; read only for the configured roles claim.
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_json::Value>,
+}
+
+/// Why a token could not be verified right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unverified {
+    /// Refused for good.
+    Refused(Reason),
+    /// The provider has no usable keys: wait for a fetch, or answer 503.
+    NoKeys { provider: usize },
+    /// No key has the token's `kid`: a refetch may bring it.
+    UnknownKid { provider: usize },
+}
+
+impl From<Reason> for Unverified {
+    fn from(r: Reason) -> Self {
+        Unverified::Refused(r)
+    }
+}
+
+/// Verifies `token` against the policy's providers, at Unix time `now`.
+///
+/// `keys(provider)` gives the provider's usable keys, if any.
+pub fn verify<'k>(
+    policy: &Policy,
+    keys: &dyn Fn(usize) -> Option<&'k KeySet>,
+    token: &str,
+    now: i64,
+) -> Result<VerifiedToken, Unverified> {
+    let untrusted: UntrustedToken<'_, HeaderExt> =
+        UntrustedToken::try_from(token).map_err(|_| Reason::Malformed)?;
+    let header = untrusted.header();
+    if header.other_fields.crit.is_some() {
+        // phi-guard understands no extension, so any `crit` is unknown (RFC 7515 §4.1.11).
+        return Err(Reason::UnsupportedCrit.into());
+    }
+    let alg = Alg::from_name(untrusted.algorithm()).ok_or(Reason::AlgNotAllowed)?;
+    let claims: Claims<RawClaims> = untrusted
+        .deserialize_claims_unchecked()
+        .map_err(|_| Reason::Malformed)?;
+    let iss = claims.custom.iss.as_deref().ok_or(Reason::UnknownIssuer)?;
+    let (index, provider) = policy
+        .provider_for_issuer(iss)
+        .ok_or(Reason::UnknownIssuer)?;
+    if !provider.algorithms.contains(&alg) {
+        return Err(Reason::AlgNotAllowed.into());
+    }
+    check_type(provider, header.token_type.as_deref())?;
+
+    let exp = claims.expiration.ok_or(Reason::MissingExp)?.timestamp();
+    let nbf = claims.not_before.map(|t| t.timestamp());
+    let iat = claims.issued_at.map(|t| t.timestamp());
+    check_times(policy, exp, nbf, iat, now)?;
+    let start = iat.or(nbf).unwrap_or(now);
+    if exp.saturating_sub(start) > to_i64(policy.max_token_lifetime) {
+        return Err(Reason::LifetimeTooLong.into());
+    }
+    let audience_ok = claims.custom.aud.as_ref().is_some_and(|aud| {
+        aud.iter()
+            .any(|a| provider.audiences.iter().any(|x| x == a))
+    });
+    if !audience_ok {
+        return Err(Reason::WrongAudience.into());
+    }
+
+    let set = keys(index).ok_or(Unverified::NoKeys { provider: index })?;
+    let candidates = set
+        .select(header.key_id.as_deref(), alg)
+        .map_err(|miss| match miss {
+            KeyMiss::UnknownKid if header.key_id.is_some() => {
+                Unverified::UnknownKid { provider: index }
+            }
+            KeyMiss::UnknownKid => Unverified::Refused(Reason::UnknownKey),
+            KeyMiss::AlgMismatch => Unverified::Refused(Reason::AlgNotAllowed),
+        })?;
+    let signed = token.rsplit_once('.').map_or("", |(signed, _)| signed);
+    let signature = untrusted.signature_bytes();
+    if !candidates
+        .iter()
+        .any(|k| crypto::verify_signature(alg, &k.key, signed.as_bytes(), signature))
+    {
+        return Err(Reason::InvalidSignature.into());
+    }
+
+    let c = claims.custom;
+    let roles = role_scopes(policy, &c.other);
+    let scp: Vec<String> = c
+        .scp
+        .as_ref()
+        .map_or_else(Vec::new, |s| s.iter().map(str::to_owned).collect());
+    Ok(VerifiedToken {
+        provider: index,
+        scopes: GrantedScopes::new(
+            c.scope.as_deref(),
+            &scp,
+            &roles,
+            policy.deny_wildcard_scopes,
+        ),
+        sub: c.sub,
+        client_id: c.client_id,
+        azp: c.azp,
+        jti: c.jti,
+        acr: c.acr,
+        amr: c.amr.unwrap_or_default(),
+        auth_time: c.auth_time,
+        exp,
+        nbf,
+        iat,
+    })
+}
+
+fn check_type(provider: &Provider, typ: Option<&str>) -> Result<(), Reason> {
+    if provider.token_types.is_empty() {
+        return Ok(());
+    }
+    // RFC 9068 §4: compare without the optional "application/" prefix, any case.
+    let typ = typ.ok_or(Reason::BadType)?.to_ascii_lowercase();
+    let typ = typ.strip_prefix("application/").unwrap_or(&typ);
+    if provider.token_types.iter().any(|t| t == typ) {
+        Ok(())
+    } else {
+        Err(Reason::BadType)
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// `exp`, `nbf` and `iat` against `now`, with the configured clock skew.
+/// Run again on every cache hit, since a cached token ages.
+pub fn check_times(
+    policy: &Policy,
+    exp: i64,
+    nbf: Option<i64>,
+    iat: Option<i64>,
+    now: i64,
+) -> Result<(), Reason> {
+    let skew = to_i64(policy.clock_skew);
+    if now > exp.saturating_add(skew) {
+        return Err(Reason::Expired);
+    }
+    let future = |t: Option<i64>| t.is_some_and(|t| t > now.saturating_add(skew));
+    if future(nbf) || future(iat) {
+        return Err(Reason::NotYetValid);
+    }
+    Ok(())
+}
+
+/// The scopes the configured roles add; a role not in `role_scopes` adds nothing.
+fn role_scopes(policy: &Policy, other: &BTreeMap<String, serde_json::Value>) -> Vec<String> {
+    let Some(claim) = policy.roles_claim.as_deref() else {
+        return Vec::new();
+    };
+    let roles: Vec<&str> = match other.get(claim) {
+        Some(serde_json::Value::String(s)) => s.split(' ').collect(),
+        Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_str()).collect(),
+        _ => Vec::new(),
+    };
+    roles
+        .into_iter()
+        .filter_map(|r| policy.role_scopes.get(r))
+        .flatten()
+        .cloned()
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Verified-token cache
+
+/// Verified tokens by SHA-256, bounded, per worker.
+///
+/// Two generations approximate LRU in O(1): entries live in `young`; when it
+/// reaches half the capacity it becomes `old` and the previous `old` is
+/// dropped; a hit in `old` moves the entry back to `young`. So an entry used
+/// within the last `capacity / 2` insertions always survives, and at most
+/// `capacity` entries are held.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    capacity: usize,
+    young: HashMap<[u8; 32], Rc<VerifiedToken>>,
+    old: HashMap<[u8; 32], Rc<VerifiedToken>>,
+}
+
+impl TokenCache {
+    /// A cache of at most `capacity` tokens; `0` caches nothing.
+    pub fn new(capacity: usize) -> Self {
+        TokenCache {
+            capacity,
+            young: HashMap::new(),
+            old: HashMap::new(),
+        }
+    }
+
+    /// The verified token for `digest`, if cached and not expired at `now`
+    /// (skew included: an expired entry is dropped, and verification says why).
+    pub fn get(&mut self, digest: &[u8; 32]) -> Option<Rc<VerifiedToken>> {
+        if let Some(hit) = self.young.get(digest) {
+            return Some(Rc::clone(hit));
+        }
+        let hit = self.old.remove(digest)?;
+        self.insert_young(*digest, Rc::clone(&hit));
+        Some(hit)
+    }
+
+    /// Remembers a verified token.
+    pub fn insert(&mut self, digest: [u8; 32], token: Rc<VerifiedToken>) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.insert_young(digest, token);
+    }
+
+    fn insert_young(&mut self, digest: [u8; 32], token: Rc<VerifiedToken>) {
+        let half = self.capacity.div_ceil(2).max(1);
+        if self.young.len() >= half && !self.young.contains_key(&digest) {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(digest, token);
+    }
+
+    /// Forgets every token of `provider` (its key set changed).
+    pub fn forget_provider(&mut self, provider: usize) {
+        self.young.retain(|_, t| t.provider != provider);
+        self.old.retain(|_, t| t.provider != provider);
+    }
+
+    /// How many tokens are held.
+    pub fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+
+    /// Nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::*;
+
+    #[test]
+    fn bearer_extraction() {
+        assert_eq!(extract_bearer(&[]), Ok(None));
+        assert_eq!(extract_bearer(&["Bearer abc"]), Ok(Some("abc")));
+        assert_eq!(extract_bearer(&["bEaReR   abc  "]), Ok(Some("abc")));
+        assert_eq!(extract_bearer(&["Basic dXNlcjpwdw=="]), Ok(None));
+        assert_eq!(extract_bearer(&["Bearer"]), Ok(None));
+        assert_eq!(extract_bearer(&["Bearer "]), Ok(None));
+        assert_eq!(extract_bearer(&["Bearerabc"]), Ok(None));
+        assert_eq!(
+            extract_bearer(&["Bearer a", "Bearer b"]),
+            Err(Reason::InvalidRequest)
+        );
+        assert_eq!(extract_bearer(&["Bearer a b"]), Err(Reason::InvalidRequest));
+        assert_eq!(
+            extract_bearer(&["Bearer a,Bearer b"]),
+            Err(Reason::InvalidRequest)
+        );
+        let big = format!("Bearer {}", "a".repeat(MAX_AUTHORIZATION_BYTES));
+        assert_eq!(extract_bearer(&[big.as_str()]), Err(Reason::InvalidRequest));
+    }
+
+    #[test]
+    fn every_family_verifies() {
+        let kit = Kit::new();
+        let policy = kit.policy(&[]);
+        for signer in kit.signers() {
+            let token = signer.sign(&kit.claims(), &[]);
+            let v = verify(&policy, &|_| Some(&kit.keys), &token, NOW)
+                .unwrap_or_else(|e| panic!("{}: {e:?}", signer.alg));
+            assert_eq!(v.sub.as_deref(), Some("user-1"));
+            assert!(v.scopes.has("read:patient-profile"));
+        }
+    }
+
+    #[test]
+    fn each_claim_rule_refuses() {
+        let kit = Kit::new();
+        let policy = kit.policy(&[]);
+        let keys = |_: usize| Some(&kit.keys);
+        let rs = &kit.rs256;
+        let check = |claims: serde_json::Value, header: &[(&str, serde_json::Value)]| {
+            verify(&policy, &keys, &rs.sign(&claims, header), NOW)
+        };
+        let with = |k: &str, v: serde_json::Value| {
+            let mut c = kit.claims();
+            c[k] = v;
+            c
+        };
+        let without = |k: &str| {
+            let mut c = kit.claims();
+            c.as_object_mut().unwrap().remove(k);
+            c
+        };
+        let refused = |r| Err(Unverified::Refused(r));
+        assert_eq!(
+            check(with("iss", "https://evil".into()), &[]),
+            refused(Reason::UnknownIssuer)
+        );
+        assert_eq!(check(without("iss"), &[]), refused(Reason::UnknownIssuer));
+        assert_eq!(
+            check(with("aud", "other".into()), &[]),
+            refused(Reason::WrongAudience)
+        );
+        assert_eq!(check(without("aud"), &[]), refused(Reason::WrongAudience));
+        assert!(check(with("aud", serde_json::json!(["x", AUD])), &[]).is_ok());
+        assert_eq!(check(without("exp"), &[]), refused(Reason::MissingExp));
+        // Expiry and not-before, at the skew boundary (60 s).
+        assert!(check(with("exp", (NOW - 60).into()), &[]).is_ok());
+        assert_eq!(
+            check(with("exp", (NOW - 61).into()), &[]),
+            refused(Reason::Expired)
+        );
+        assert!(check(with("nbf", (NOW + 60).into()), &[]).is_ok());
+        assert_eq!(
+            check(with("nbf", (NOW + 61).into()), &[]),
+            refused(Reason::NotYetValid)
+        );
+        assert_eq!(
+            check(with("iat", (NOW + 61).into()), &[]),
+            refused(Reason::NotYetValid)
+        );
+        // Lifetime: exp - iat at most 3600.
+        let mut long = kit.claims();
+        long["iat"] = NOW.into();
+        long["exp"] = (NOW + 3601).into();
+        assert_eq!(check(long, &[]), refused(Reason::LifetimeTooLong));
+        assert_eq!(
+            check(with("exp", "soon".into()), &[]),
+            refused(Reason::Malformed)
+        );
+        // Header rules.
+        assert_eq!(
+            check(kit.claims(), &[("typ", "id+jwt".into())]),
+            refused(Reason::BadType)
+        );
+        assert!(check(kit.claims(), &[("typ", "application/AT+JWT".into())]).is_ok());
+        assert!(check(kit.claims(), &[("typ", "JWT".into())]).is_ok());
+        assert_eq!(
+            check(kit.claims(), &[("crit", serde_json::json!(["exp"]))]),
+            refused(Reason::UnsupportedCrit)
+        );
+        assert_eq!(
+            check(kit.claims(), &[("kid", "nobody".into())]),
+            Err(Unverified::UnknownKid { provider: 0 })
+        );
+        assert_eq!(
+            verify(&policy, &|_| None, &rs.sign(&kit.claims(), &[]), NOW),
+            Err(Unverified::NoKeys { provider: 0 })
+        );
+    }
+
+    #[test]
+    fn algorithm_confusion_is_refused() {
+        let kit = Kit::new();
+        let policy = kit.policy(&[]);
+        let keys = |_: usize| Some(&kit.keys);
+        let refused = |r| Err(Unverified::Refused(r));
+        let body = kit.claims().to_string();
+        // alg none, with and without a signature.
+        for sig in ["", "c2ln"] {
+            let t = raw_token(
+                &serde_json::json!({"alg": "none", "kid": kit.rs256.kid}),
+                &body,
+                sig,
+            );
+            assert_eq!(
+                verify(&policy, &keys, &t, NOW),
+                refused(Reason::AlgNotAllowed)
+            );
+        }
+        // HS256 keyed with the RSA public key's bytes.
+        let t = hs256_token(
+            &serde_json::json!({"alg": "HS256", "kid": kit.rs256.kid, "typ": "at+jwt"}),
+            &body,
+            kit.rs256_public_der(),
+        );
+        assert_eq!(
+            verify(&policy, &keys, &t, NOW),
+            refused(Reason::AlgNotAllowed)
+        );
+        // An RS256 key (bound by JWK alg) asked to verify PS256.
+        let t = kit.rs256.sign_as("PS256", &kit.claims());
+        assert_eq!(
+            verify(&policy, &keys, &t, NOW),
+            refused(Reason::AlgNotAllowed)
+        );
+        // An ES256 token with the RSA key's kid.
+        let t = kit
+            .es256
+            .sign(&kit.claims(), &[("kid", kit.rs256.kid.clone().into())]);
+        assert_eq!(
+            verify(&policy, &keys, &t, NOW),
+            refused(Reason::AlgNotAllowed)
+        );
+        // Not on the provider's allow-list.
+        let narrow =
+            kit.policy_with(|p| p["providers"][0]["algorithms"] = serde_json::json!(["ES256"]));
+        let t = kit.rs256.sign(&kit.claims(), &[]);
+        assert_eq!(
+            verify(&narrow, &keys, &t, NOW),
+            refused(Reason::AlgNotAllowed)
+        );
+        // A flipped signature bit.
+        let t = flip_last_sig_char(&kit.es256.sign(&kit.claims(), &[]));
+        assert_eq!(
+            verify(&policy, &keys, &t, NOW),
+            refused(Reason::InvalidSignature)
+        );
+        // Signed by another key under a known kid.
+        let other = Signer::rsa("RS256", &kit.rs256.kid, 2);
+        assert_eq!(
+            verify(&policy, &keys, &other.sign(&kit.claims(), &[]), NOW),
+            refused(Reason::InvalidSignature)
+        );
+        for junk in [
+            "",
+            "a.b",
+            "a.b.c",
+            "e30.e30.",
+            "....",
+            "\u{e9}.\u{e9}.\u{e9}",
+        ] {
+            assert!(
+                matches!(
+                    verify(&policy, &keys, junk, NOW),
+                    Err(Unverified::Refused(_))
+                ),
+                "{junk}"
+            );
+        }
+    }
+
+    #[test]
+    fn scopes_and_roles() {
+        let kit = Kit::new();
+        let policy = kit.policy_with(|p| {
+            p["roles_claim"] = "roles".into();
+            p["role_scopes"] = serde_json::json!({"clinician": ["read:labs"], "admin": ["x:all"]});
+        });
+        let keys = |_: usize| Some(&kit.keys);
+        let mut claims = kit.claims();
+        claims["scope"] = "a b read:all *".into();
+        claims["scp"] = serde_json::json!(["c"]);
+        claims["roles"] = serde_json::json!(["clinician", "nurse", "admin"]);
+        let v = verify(&policy, &keys, &kit.es256.sign(&claims, &[]), NOW).unwrap();
+        let got: Vec<&str> = v.scopes.iter().collect();
+        assert_eq!(got, ["a", "b", "c", "read:labs"]);
+    }
+
+    #[test]
+    fn cache_is_bounded_and_keeps_recent_entries() {
+        let kit = Kit::new();
+        let v = Rc::new(
+            verify(
+                &kit.policy(&[]),
+                &|_| Some(&kit.keys),
+                &kit.es256.sign(&kit.claims(), &[]),
+                NOW,
+            )
+            .unwrap(),
+        );
+        let mut cache = TokenCache::new(4);
+        let d = |i: u8| [i; 32];
+        for i in 0..4 {
+            cache.insert(d(i), Rc::clone(&v));
+        }
+        assert!(cache.len() <= 4);
+        for round in 0..50u8 {
+            assert!(
+                cache.get(&d(0)).is_some(),
+                "a hot entry survives (round {round})"
+            );
+            cache.insert(d(100 + round), Rc::clone(&v));
+            assert!(cache.len() <= 4);
+        }
+        assert!(cache.get(&d(1)).is_none());
+        cache.forget_provider(0);
+        assert!(cache.is_empty());
+        let mut off = TokenCache::new(0);
+        off.insert(d(1), v);
+        assert!(off.is_empty());
+    }
+}
