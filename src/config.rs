@@ -674,3 +674,166 @@ fn split_http_uri(uri: &str) -> Option<(String, String)> {
     }
     Some((authority.to_string(), path.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn base() -> Value {
+        json!({
+            "providers": [{"name": "idp", "issuer": "https://idp", "audiences": ["api"],
+                "jwks": {"uri": "https://idp.example.org:8443/keys?x=1", "cluster": "idp"}}],
+            "rules": [{"id": "r", "path": "/a/{id}", "scopes": ["read"]}]
+        })
+    }
+
+    fn load(doc: &Value) -> Result<Policy, ConfigError> {
+        Policy::from_json(doc.to_string().as_bytes())
+    }
+
+    #[test]
+    fn defaults_and_uri_split() {
+        let p = load(&base()).unwrap();
+        assert_eq!(
+            (p.clock_skew, p.max_token_lifetime, p.forward_token),
+            (60, 3600, false)
+        );
+        assert!(p.deny_wildcard_scopes);
+        assert_eq!(p.verified_token_cache_size, 10_000);
+        let prov = &p.providers[0];
+        assert_eq!(
+            prov.algorithms,
+            [Alg::Rs256, Alg::Ps256, Alg::Es256, Alg::EdDsa]
+        );
+        assert_eq!(prov.token_types, ["at+jwt", "jwt"]);
+        assert_eq!(prov.jwks.authority, "idp.example.org:8443");
+        assert_eq!(prov.jwks.path, "/keys?x=1");
+        assert_eq!(prov.jwks.timeout_ms, 2000);
+    }
+
+    #[test]
+    fn shipped_envoy_policy_loads() {
+        let yaml =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/envoy/envoy.yaml"))
+                .unwrap();
+        let start = yaml.find("value: |").unwrap() + "value: |".len();
+        let end = yaml[start..].find("vm_config:").unwrap() + start;
+        let p = Policy::from_json(yaml[start..end].as_bytes()).unwrap();
+        assert!(p.rules.iter().any(|r| r.step_up.is_some()));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: Vec<(&dyn Fn(&mut Value), &str)> = vec![
+            (&|d| d["providers"] = json!([]), "providers"),
+            (
+                &|d| d["providers"][0]["algorithms"] = json!(["HS256"]),
+                "providers[0].algorithms",
+            ),
+            (
+                &|d| d["providers"][0]["algorithms"] = json!(["none"]),
+                "providers[0].algorithms",
+            ),
+            (
+                &|d| d["providers"][0]["audiences"] = json!([]),
+                "providers[0].audiences",
+            ),
+            (
+                &|d| d["providers"][0]["jwks"]["uri"] = json!("ftp://x/y"),
+                "providers[0].jwks.uri",
+            ),
+            (
+                &|d| d["providers"][0]["jwks"]["timeout_ms"] = json!(0),
+                "providers[0].jwks.timeout_ms",
+            ),
+            (
+                &|d| d["providers"][0]["jwks"]["cache_seconds"] = json!(0),
+                "providers[0].jwks.cache_seconds",
+            ),
+            (
+                &|d| d["clock_skew_seconds"] = json!(301),
+                "clock_skew_seconds",
+            ),
+            (&|d| d["realm"] = json!("a\"b"), "realm"),
+            (
+                &|d| d["rules"][0]["path"] = json!("no-slash"),
+                "rules[0].path",
+            ),
+            (
+                &|d| d["rules"][0]["methods"] = json!(["get"]),
+                "rules[0].methods",
+            ),
+            (
+                &|d| d["rules"][0]["scopes"] = json!(["a b"]),
+                "rules[0].scopes",
+            ),
+            (
+                &|d| d["rules"][0]["public"] = json!(true),
+                "rules[0].public",
+            ),
+            (
+                &|d| d["rules"][0]["step_up"] = json!("default"),
+                "rules[0].step_up",
+            ),
+            (
+                &|d| d["rules"][0]["step_up"] = json!({}),
+                "rules[0].step_up",
+            ),
+            (
+                &|d| d["rules"][0]["step_up"] = json!({"acr_values": ["a\"b"]}),
+                "rules[0].step_up.acr_values",
+            ),
+            (
+                &|d| d["rules"] = json!([{"id": "r", "path": "/a"}, {"id": "r", "path": "/b"}]),
+                "rules[1].id",
+            ),
+            (
+                &|d| d["claims_to_headers"] = json!({"email": "x-email"}),
+                "claims_to_headers.email",
+            ),
+            (
+                &|d| d["claims_to_headers"] = json!({"sub": "authorization"}),
+                "claims_to_headers.sub",
+            ),
+            (
+                &|d| d["claims_to_headers"] = json!({"sub": "x-a", "jti": "X-A"}),
+                "claims_to_headers.sub",
+            ),
+            (&|d| d["roles_claim"] = json!("roles"), "role_scopes"),
+            (&|d| d["role_scopes"] = json!({"a": ["b"]}), "roles_claim"),
+            (
+                &|d| d["audit"] = json!({"hmac_key_env": "A B"}),
+                "audit.hmac_key_env",
+            ),
+        ];
+        for (edit, field) in cases {
+            let mut doc = base();
+            edit(&mut doc);
+            let e = load(&doc).unwrap_err();
+            assert_eq!(e.field, field, "{doc}: {e}");
+        }
+        // Unknown fields and wrong types are refused, naming the field in the message.
+        let mut doc = base();
+        doc["rules"][0]["scope"] = json!(["read"]);
+        let e = load(&doc).unwrap_err();
+        assert!(e.problem.contains("scope"), "{e}");
+        assert!(Policy::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn step_up_default_is_resolved() {
+        let mut doc = base();
+        doc["step_up_defaults"] = json!({"acr_values": ["urn:mfa"], "max_age_seconds": 60});
+        doc["rules"][0]["step_up"] = json!("default");
+        let p = load(&doc).unwrap();
+        assert_eq!(
+            p.rules[0].step_up,
+            Some(StepUp {
+                acr_values: vec!["urn:mfa".into()],
+                amr_any: vec![],
+                max_age: Some(60)
+            })
+        );
+    }
+}
