@@ -85,7 +85,7 @@ def main() -> int:
     # Envoy logs warnings only, so the terminal shows its access log: one line,
     # with the audit record, per request.
     envoy = subprocess.Popen(
-        [str(ENVOY_BIN), "-c", str(ENVOY_YAML), "--concurrency", "1", "--use-dynamic-base-id", "--log-level", "warn"],
+        [str(ENVOY_BIN), "-c", str(ENVOY_YAML), "--concurrency", "1", "--use-dynamic-base-id", "--log-level", "warn", "--file-flush-interval-msec", "500"],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
     )

@@ -719,13 +719,14 @@ mod tests {
                 .unwrap();
         let start = yaml.find("value: |").unwrap() + "value: |".len();
         let end = yaml[start..].find("vm_config:").unwrap() + start;
-        let p = Policy::from_json(yaml[start..end].as_bytes()).unwrap();
+        let p = Policy::from_json(&yaml.as_bytes()[start..end]).unwrap();
         assert!(p.rules.iter().any(|r| r.step_up.is_some()));
     }
 
     #[test]
     fn errors_name_the_field() {
-        let cases: Vec<(&dyn Fn(&mut Value), &str)> = vec![
+        type Edit<'a> = &'a dyn Fn(&mut Value);
+        let cases: Vec<(Edit, &str)> = vec![
             (&|d| d["providers"] = json!([]), "providers"),
             (
                 &|d| d["providers"][0]["algorithms"] = json!(["HS256"]),

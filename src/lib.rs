@@ -6,6 +6,7 @@
 //! argument and is tested natively.
 
 pub mod answer;
+pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod decision;

@@ -244,7 +244,7 @@ impl Kit {
     pub fn rs256_public_der(&self) -> Vec<u8> {
         use rsa::pkcs8::EncodePublicKey;
         let SigningKey::Rsa(k) = &self.rs256.key else {
-            unreachable!()
+            panic!("rs256 is an RSA key")
         };
         k.to_public_key()
             .to_public_key_der()

@@ -536,6 +536,8 @@ class Envoy:
         argv = [str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", "1"]
         # Several Envoys (tests, a running demo) must not share shared memory.
         argv += ["--use-dynamic-base-id", "--log-level", self.log_level]
+        # Envoy writes access-log files every 10 s by default; tests read them sooner.
+        argv += ["--file-flush-interval-msec", "200"]
         argv += ["--admin-address-path", str(self.admin_address_path)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)

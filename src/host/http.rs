@@ -1,0 +1,304 @@
+//! The per-request context: read the request, ask the core, answer or
+//! continue, and write the audit record into filter state for the access log.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, MapType};
+
+use crate::answer::{self, Reason};
+use crate::audit::{self, AuditRecord};
+use crate::decision::{self, Request, Verdict};
+use crate::token::VerifiedToken;
+
+use super::metrics;
+use super::worker::{now_ms, Waiter, Worker};
+
+/// Filter-state name the access log reads as `%FILTER_STATE(wasm.phi_guard.audit:PLAIN)%`.
+const AUDIT_PROPERTY: &str = "phi_guard.audit";
+
+/// What a request needs while it is decided, possibly across a wait for keys.
+#[derive(Default)]
+pub struct Pending {
+    method: String,
+    path: String,
+    authorization: Vec<String>,
+    request_id: Option<String>,
+    record: Option<AuditRecord>,
+    sealed: bool,
+    paused: bool,
+}
+
+pub struct Filter {
+    context_id: u32,
+    /// `None` when the policy failed to load: every request is refused.
+    worker: Option<Rc<RefCell<Worker>>>,
+    pending: Rc<RefCell<Pending>>,
+}
+
+impl Filter {
+    pub fn new(context_id: u32, worker: Option<Rc<RefCell<Worker>>>) -> Filter {
+        Filter {
+            context_id,
+            worker,
+            pending: Rc::new(RefCell::new(Pending::default())),
+        }
+    }
+}
+
+impl Context for Filter {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if let Some(worker) = &self.worker {
+            super::worker::on_callout(worker, token_id, body_size);
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(worker) = self.worker.clone() else {
+            let _ = hostcalls::send_http_response(
+                503,
+                vec![("content-type", "text/plain")],
+                Some(b"service unavailable\n"),
+            );
+            return Action::Pause;
+        };
+        let mut w = worker.borrow_mut();
+        let mut p = self.pending.borrow_mut();
+        // A client must never be able to set the identity headers we forward.
+        for (_, header) in &w.policy.claims_to_headers {
+            self.set_http_request_header(header, None);
+        }
+        for (name, value) in self.get_http_request_headers() {
+            match name.as_str() {
+                ":method" => p.method = value,
+                ":path" => p.path = value,
+                "authorization" => p.authorization.push(value),
+                "x-request-id" => p.request_id = Some(value),
+                _ => {}
+            }
+        }
+        let now = now_ms();
+        let mut verdict = run(&mut w, &p, now, true);
+        if let Verdict::Wait { provider, .. } = verdict {
+            if w.sync_shared(provider, now) {
+                verdict = run(&mut w, &p, now, true);
+            }
+        }
+        if let Verdict::Wait {
+            provider,
+            unknown_kid,
+        } = verdict
+        {
+            metrics::bump(w.metrics.key_cache_miss);
+            if w.want_keys(provider, unknown_kid, now) {
+                let timeout = w
+                    .policy
+                    .providers
+                    .get(provider)
+                    .map_or(0, |p| p.jwks.timeout_ms);
+                w.waiters.push(Waiter {
+                    context_id: self.context_id,
+                    provider,
+                    deadline_ms: now.saturating_add(timeout).saturating_add(100),
+                    pending: Rc::downgrade(&self.pending),
+                });
+                p.paused = true;
+                return Action::Pause;
+            }
+            verdict = run(&mut w, &p, now, false);
+        }
+        apply(&mut w, &mut p, verdict, now)
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let status = self
+            .get_http_response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok());
+        self.seal(status);
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let status = hostcalls::get_property(vec!["response", "code"])
+            .ok()
+            .flatten()
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_le_bytes)
+            .and_then(|c| u16::try_from(c).ok());
+        self.seal(status);
+    }
+}
+
+impl Filter {
+    /// Completes the record with the response status, chains it, and hands
+    /// it to the access log. Once per request.
+    fn seal(&mut self, status: Option<u16>) {
+        let mut guard = self.pending.borrow_mut();
+        let p = &mut *guard;
+        if p.sealed {
+            return;
+        }
+        let (Some(record), Some(worker)) = (p.record.as_mut(), &self.worker) else {
+            return;
+        };
+        if let Some(status) = status {
+            record.status = status;
+        }
+        p.sealed = true;
+        let line = worker.borrow_mut().chain.seal(record);
+        let _ = hostcalls::set_property(vec![AUDIT_PROPERTY], Some(line.as_bytes()));
+    }
+}
+
+fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> Verdict {
+    let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
+    let req = Request {
+        method: &p.method,
+        path: &p.path,
+        authorization: &auth,
+    };
+    w.decide(&req, now, may_wait).0
+}
+
+/// Called by the root, with this request's context made effective, once keys
+/// arrived or the wait timed out: decide for good and answer.
+pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, pending: &Rc<RefCell<Pending>>, now: u64) {
+    let mut w = worker.borrow_mut();
+    let mut p = pending.borrow_mut();
+    if !p.paused {
+        return;
+    }
+    let verdict = run(&mut w, &p, now, false);
+    if apply(&mut w, &mut p, verdict, now) == Action::Continue {
+        let _ = hostcalls::resume_http_request();
+    }
+    p.paused = false;
+}
+
+/// Carries out a verdict on the current request and drafts its audit record.
+fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Action {
+    let policy = Rc::clone(&w.policy);
+    let (reason, rule, token) = match &verdict {
+        Verdict::Allow { rule, token } => (Reason::Ok, Some(*rule), token.clone()),
+        Verdict::Deny {
+            reason,
+            rule,
+            token,
+        } => (*reason, *rule, token.clone()),
+        // Only reached if the core asked to wait when told it may not.
+        Verdict::Wait { .. } => (Reason::KeysUnavailable, None, None),
+    };
+    w.metrics.decision(reason);
+    let rule_ref = rule.and_then(|i| policy.rules.get(i));
+    p.record = Some(draft(
+        p,
+        reason,
+        rule_ref,
+        token.as_deref(),
+        &policy,
+        now_ms,
+    ));
+    if reason == Reason::Ok {
+        if let Some(rule) = rule_ref {
+            for (header, value) in decision::forwarded_headers(&policy, rule, token.as_deref()) {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(&value));
+            }
+            // On a public rule any token is ignored, so it is never passed on either.
+            if !policy.forward_token || rule.public {
+                let _ =
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None);
+            }
+        }
+        return Action::Continue;
+    }
+    let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref));
+    let mut headers = vec![
+        ("content-type", "text/plain"),
+        ("cache-control", "no-store"),
+    ];
+    if let Some(www) = answer.www_authenticate.as_deref() {
+        headers.push(("www-authenticate", www));
+    }
+    let _ = hostcalls::send_http_response(answer.status, headers, Some(answer.body.as_bytes()));
+    if let Some(record) = p.record.as_mut() {
+        record.status = u16::try_from(answer.status).unwrap_or(0);
+    }
+    Action::Pause
+}
+
+fn property_string(path: Vec<&str>) -> Option<String> {
+    hostcalls::get_property(path)
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+}
+
+/// The audit record of a decision, before the status and chain are known.
+fn draft(
+    p: &Pending,
+    reason: Reason,
+    rule: Option<&crate::config::Rule>,
+    token: Option<&VerifiedToken>,
+    policy: &crate::config::Policy,
+    now_ms: u64,
+) -> AuditRecord {
+    let bearer = p
+        .authorization
+        .first()
+        .and_then(|a| a.split_once(' '))
+        .map(|(_, t)| t.trim());
+    let mut r = AuditRecord {
+        ts: audit::rfc3339_millis(now_ms.saturating_mul(1_000_000)),
+        request_id: p.request_id.clone(),
+        decision: if reason == Reason::Ok {
+            "allow"
+        } else {
+            "deny"
+        }
+        .to_string(),
+        reason: reason.code().to_string(),
+        step_up: match reason {
+            Reason::StepUpRequired(f) => Some(f.code().to_string()),
+            _ => None,
+        },
+        rule: rule.map(|r| r.id.clone()),
+        method: p.method.clone(),
+        path: String::new(),
+        status: 0,
+        iss: token
+            .and_then(|t| policy.providers.get(t.provider))
+            .map(|p| p.issuer.clone()),
+        sub: token.and_then(|t| t.sub.clone()),
+        client_id: token.and_then(|t| t.client_id.clone().or_else(|| t.azp.clone())),
+        jti: token.and_then(|t| t.jti.clone()),
+        token_fp: bearer
+            .filter(|_| !rule.is_some_and(|r| r.public))
+            .map(|t| audit::token_fingerprint(t.as_bytes())),
+        scopes_granted: token
+            .map(|t| t.scopes.iter().map(str::to_owned).collect())
+            .unwrap_or_default(),
+        scopes_required: rule
+            .map(|r| r.scopes.iter().chain(&r.scopes_any).cloned().collect())
+            .unwrap_or_default(),
+        acr: token.and_then(|t| t.acr.clone()),
+        amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
+        source: property_string(vec!["source", "address"]),
+        tls: property_string(vec!["connection", "tls_version"]),
+        vm: String::new(),
+        seq: 0,
+        chain: String::new(),
+    };
+    r.set_path(&p.path);
+    r
+}

@@ -1,0 +1,87 @@
+//! Envoy stats from the filter. Envoy shows them with a `wasmcustom.` prefix,
+//! e.g. `wasmcustom.phi_guard.allowed`; every worker's VM defines the same
+//! names, so Envoy sums them.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+use crate::answer::Reason;
+
+/// Metric ids of this VM; a metric that could not be defined is skipped.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    allowed: Option<u32>,
+    denied: Vec<(&'static str, Option<u32>)>,
+    pub jwks_fetch_ok: Option<u32>,
+    pub jwks_fetch_failed: Option<u32>,
+    pub key_cache_hit: Option<u32>,
+    pub key_cache_miss: Option<u32>,
+    pub token_cache_hit: Option<u32>,
+    pub token_cache_miss: Option<u32>,
+    pub step_up_challenges: Option<u32>,
+    pub key_age_seconds: Option<u32>,
+    pub token_cache_entries: Option<u32>,
+}
+
+fn counter(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Counter, name).ok()
+}
+
+fn gauge(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Gauge, name).ok()
+}
+
+impl Metrics {
+    /// Defines every metric (idempotent on Envoy's side).
+    pub fn define() -> Metrics {
+        let mut denied: Vec<(&'static str, Option<u32>)> = Vec::new();
+        for reason in Reason::ALL {
+            let code = reason.code();
+            if reason != Reason::Ok && !denied.iter().any(|(c, _)| *c == code) {
+                denied.push((code, counter(&format!("phi_guard.denied.{code}"))));
+            }
+        }
+        Metrics {
+            allowed: counter("phi_guard.allowed"),
+            denied,
+            jwks_fetch_ok: counter("phi_guard.jwks_fetch.ok"),
+            jwks_fetch_failed: counter("phi_guard.jwks_fetch.failed"),
+            key_cache_hit: counter("phi_guard.key_cache.hit"),
+            key_cache_miss: counter("phi_guard.key_cache.miss"),
+            token_cache_hit: counter("phi_guard.token_cache.hit"),
+            token_cache_miss: counter("phi_guard.token_cache.miss"),
+            step_up_challenges: counter("phi_guard.step_up_challenges"),
+            key_age_seconds: gauge("phi_guard.jwks_key_age_seconds"),
+            token_cache_entries: gauge("phi_guard.token_cache.entries"),
+        }
+    }
+
+    /// Counts one decision.
+    pub fn decision(&self, reason: Reason) {
+        if reason == Reason::Ok {
+            bump(self.allowed);
+            return;
+        }
+        if matches!(reason, Reason::StepUpRequired(_)) {
+            bump(self.step_up_challenges);
+        }
+        let code = reason.code();
+        if let Some((_, id)) = self.denied.iter().find(|(c, _)| *c == code) {
+            bump(*id);
+        }
+    }
+}
+
+/// Adds one to a counter.
+pub fn bump(id: Option<u32>) {
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}
+
+/// Sets a gauge.
+pub fn set(id: Option<u32>, value: u64) {
+    if let Some(id) = id {
+        let _ = hostcalls::record_metric(id, value);
+    }
+}

@@ -1,0 +1,142 @@
+//! The root context: loads the policy (refusing a bad one, so the plugin does
+//! not start), drives the timer and receives JWKS callouts.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+
+use crate::audit::AuditChain;
+use crate::config::Policy;
+
+use super::http::Filter;
+use super::worker::{self, now_ms, Worker};
+
+/// How often the timer runs: waiting requests are decided within this of their deadline.
+const TICK: Duration = Duration::from_millis(100);
+
+pub struct Root {
+    context_id: u32,
+    worker: Option<Rc<RefCell<Worker>>>,
+}
+
+impl Root {
+    pub fn new(context_id: u32) -> Root {
+        Root {
+            context_id,
+            worker: None,
+        }
+    }
+
+    /// Decides the waiters of `providers` (keys arrived or fetch ended) and
+    /// the `expired` ones.
+    fn wake(
+        &self,
+        worker: &Rc<RefCell<Worker>>,
+        providers: &[usize],
+        expired: Vec<worker::Waiter>,
+    ) {
+        let now = now_ms();
+        let mut waiters = expired;
+        {
+            let mut w = worker.borrow_mut();
+            for p in providers {
+                waiters.extend(w.take_waiters(*p));
+            }
+        }
+        if waiters.is_empty() {
+            return;
+        }
+        worker::wake(worker, waiters, now);
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+}
+
+/// A per-VM id for the audit chain. Envoy gives workers no stable name, so
+/// each VM takes the next number from a counter in shared data (unique within
+/// this Envoy), prefixed by its start time (unique across restarts).
+fn vm_id() -> String {
+    const KEY: &str = "phi_guard.vm_counter";
+    let start = now_ms();
+    for _ in 0..16 {
+        let (value, cas) = hostcalls::get_shared_data(KEY).unwrap_or((None, None));
+        let n = value
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        if hostcalls::set_shared_data(KEY, Some(n.to_string().as_bytes()), cas).is_ok() {
+            return format!("{start:x}-{n}");
+        }
+    }
+    format!("{start:x}-x")
+}
+
+fn audit_key(policy: &Policy) -> Option<Vec<u8>> {
+    let name = policy.audit_hmac_key_env.as_deref()?;
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => Some(v.into_bytes()),
+        _ => {
+            log::error!("audit.hmac_key_env names {name}, which is not set for the VM; audit chain falls back to plain SHA-256");
+            None
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        worker::on_callout(&worker, token_id, body_size);
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let doc = self.get_plugin_configuration().unwrap_or_default();
+        let policy = match Policy::from_json(&doc) {
+            Ok(p) => Rc::new(p),
+            Err(e) => {
+                // Envoy refuses to start the plugin; with fail-closed, nothing gets through.
+                log::error!("{e}");
+                return false;
+            }
+        };
+        let chain = AuditChain::new(vm_id(), audit_key(&policy));
+        let worker = Rc::new(RefCell::new(Worker::new(policy, chain)));
+        // The first fetch happens on the first tick: during on_configure the
+        // main thread's cluster manager may not be ready to take a callout.
+        self.worker = Some(worker);
+        let _ = hostcalls::set_tick_period(TICK);
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        let (ready, expired) = worker.borrow_mut().tick(now_ms());
+        self.wake(&worker, &ready, expired);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Never None: the SDK would abort the VM. Without a policy the filter refuses all.
+        Some(Box::new(Filter::new(context_id, self.worker.clone())))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

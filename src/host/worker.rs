@@ -1,0 +1,427 @@
+//! Per-VM state (one VM per Envoy worker, plus the main thread's): the policy,
+//! each provider's keys and fetch bookkeeping, the verified-token cache, the
+//! requests waiting for keys, stats and the audit chain.
+//!
+//! Keys are shared between workers through proxy-wasm shared data: whoever
+//! fetches publishes `<fetched_at>\n<document>` under `phi_guard.jwks.<name>`,
+//! and a lease under `phi_guard.jwks_lease.<name>` keeps the fetch to one VM.
+
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::Bytes;
+
+use crate::audit::AuditChain;
+use crate::config::Policy;
+use crate::decision::{self, Request, Trace, Verdict};
+use crate::jwks::{Availability, CacheClock, KeySet, MAX_JWKS_BYTES};
+use crate::token::TokenCache;
+
+use super::http::{self, Pending};
+use super::metrics::{self, Metrics};
+
+/// One provider's keys in this VM.
+#[derive(Default)]
+pub struct ProviderKeys {
+    pub clock: CacheClock,
+    pub keys: Option<Rc<KeySet>>,
+    /// CAS of the shared-data entry the keys came from.
+    shared_cas: Option<u32>,
+    /// When an in-flight fetch is given up on (its callback may never come
+    /// if the context that dispatched it went away).
+    in_flight_until_ms: u64,
+}
+
+/// A paused request waiting for a provider's keys.
+pub struct Waiter {
+    pub context_id: u32,
+    pub provider: usize,
+    pub deadline_ms: u64,
+    pub pending: Weak<RefCell<Pending>>,
+}
+
+/// Everything one VM keeps.
+pub struct Worker {
+    pub policy: Rc<Policy>,
+    pub providers: Vec<ProviderKeys>,
+    pub cache: TokenCache,
+    pub waiters: Vec<Waiter>,
+    /// Callout token -> provider.
+    callouts: Vec<(u32, usize)>,
+    pub metrics: Metrics,
+    pub chain: AuditChain,
+    last_sync_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch, from the host clock.
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn secs(ms: u64) -> u64 {
+    ms / 1000
+}
+
+fn shared_key(kind: &str, provider: &str) -> String {
+    format!("phi_guard.{kind}.{provider}")
+}
+
+impl Worker {
+    pub fn new(policy: Rc<Policy>, chain: AuditChain) -> Worker {
+        let providers = policy
+            .providers
+            .iter()
+            .map(|_| ProviderKeys::default())
+            .collect();
+        Worker {
+            cache: TokenCache::new(policy.verified_token_cache_size),
+            policy,
+            providers,
+            waiters: Vec::new(),
+            callouts: Vec::new(),
+            metrics: Metrics::define(),
+            chain,
+            last_sync_ms: 0,
+        }
+    }
+
+    /// Decides a request with the keys this VM holds.
+    pub fn decide(&mut self, req: &Request<'_>, now_ms: u64, may_wait: bool) -> (Verdict, Trace) {
+        let now = secs(now_ms);
+        let mut trace = Trace::default();
+        let policy = Rc::clone(&self.policy);
+        let providers = &self.providers;
+        let src = |i: usize| policy.providers.get(i).map(|p| &p.jwks);
+        let keys = |i: usize| -> Option<&KeySet> {
+            let p = providers.get(i)?;
+            let src = src(i)?;
+            match p.clock.availability(src, now) {
+                Availability::Usable => p.keys.as_deref(),
+                Availability::Missing => None,
+            }
+        };
+        let now_i = i64::try_from(now).unwrap_or(i64::MAX);
+        let verdict = decision::decide(
+            &policy,
+            &keys,
+            &mut self.cache,
+            req,
+            now_i,
+            may_wait,
+            &mut trace,
+        );
+        match trace.token_cache_hit {
+            Some(true) => metrics::bump(self.metrics.token_cache_hit),
+            Some(false) => {
+                metrics::bump(self.metrics.token_cache_miss);
+                if !matches!(verdict, Verdict::Wait { .. }) {
+                    metrics::bump(self.metrics.key_cache_hit);
+                }
+            }
+            None => {}
+        }
+        (verdict, trace)
+    }
+
+    /// Makes sure keys for `provider` are on their way; `false` when no fetch
+    /// can be had (rate limit, dispatch refused), so the request is decided now.
+    pub fn want_keys(&mut self, provider: usize, unknown_kid: bool, now_ms: u64) -> bool {
+        let now = secs(now_ms);
+        let Some(src) = self.policy.providers.get(provider).map(|p| &p.jwks) else {
+            return false;
+        };
+        let Some(state) = self.providers.get(provider) else {
+            return false;
+        };
+        if unknown_kid && !state.clock.kid_refetch_allowed(src, now) {
+            return false;
+        }
+        if state.clock.in_flight {
+            if unknown_kid {
+                // The running fetch counts as this kid's refetch.
+                if let Some(s) = self.providers.get_mut(provider) {
+                    s.clock.last_kid_refetch = Some(now);
+                }
+            }
+            return true;
+        }
+        self.start_fetch(provider, now_ms, unknown_kid)
+    }
+
+    /// Starts a fetch if this VM wins the lease; `true` if a fetch is running
+    /// anywhere (here or in the lease holder).
+    pub fn start_fetch(&mut self, provider: usize, now_ms: u64, for_unknown_kid: bool) -> bool {
+        let policy = Rc::clone(&self.policy);
+        let Some(p) = policy.providers.get(provider) else {
+            return false;
+        };
+        let src = &p.jwks;
+        let lease_key = shared_key("jwks_lease", &p.name);
+        let lease_ms = src.timeout_ms.saturating_add(500);
+        let (lease, cas) = hostcalls::get_shared_data(&lease_key).unwrap_or((None, None));
+        let held_until = lease
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        let Some(state) = self.providers.get_mut(provider) else {
+            return false;
+        };
+        if held_until > now_ms && !state.clock.in_flight {
+            // Another VM is fetching; its result arrives through shared data.
+            if for_unknown_kid {
+                state.clock.last_kid_refetch = Some(secs(now_ms));
+            }
+            return true;
+        }
+        let until = now_ms.saturating_add(lease_ms).to_string();
+        if hostcalls::set_shared_data(&lease_key, Some(until.as_bytes()), cas).is_err() {
+            // Lost the race for the lease: someone else fetches.
+            return true;
+        }
+        let headers = vec![
+            (":method", "GET"),
+            (":path", src.path.as_str()),
+            (":authority", src.authority.as_str()),
+            ("accept", "application/json"),
+        ];
+        let timeout = Duration::from_millis(src.timeout_ms);
+        match hostcalls::dispatch_http_call(&src.cluster, headers, None, vec![], timeout) {
+            Ok(token) => {
+                state.clock.started(secs(now_ms), for_unknown_kid);
+                state.in_flight_until_ms = now_ms.saturating_add(lease_ms);
+                self.callouts.push((token, provider));
+                true
+            }
+            Err(status) => {
+                log::warn!("JWKS fetch for provider {} could not be dispatched through cluster {}: {status:?}", p.name, src.cluster);
+                state.clock.started(secs(now_ms), for_unknown_kid);
+                state.clock.finished(None);
+                let _ = hostcalls::set_shared_data(&lease_key, Some(b"0"), None);
+                metrics::bump(self.metrics.jwks_fetch_failed);
+                false
+            }
+        }
+    }
+
+    /// Whether `token` is one of our JWKS callouts; handles its response and
+    /// returns the provider whose waiters can now be decided.
+    pub fn on_fetch_response(
+        &mut self,
+        token: u32,
+        body_size: usize,
+        now_ms: u64,
+    ) -> Option<usize> {
+        let at = self.callouts.iter().position(|(t, _)| *t == token)?;
+        let (_, provider) = self.callouts.swap_remove(at);
+        let policy = Rc::clone(&self.policy);
+        let p = policy.providers.get(provider)?;
+        let status = hostcalls::get_map_value(
+            proxy_wasm::types::MapType::HttpCallResponseHeaders,
+            ":status",
+        )
+        .ok()
+        .flatten();
+        let doc: Result<(Bytes, KeySet), String> = match status.as_deref() {
+            Some("200") if body_size > MAX_JWKS_BYTES => {
+                Err(format!("JWKS of {body_size} bytes is too large"))
+            }
+            Some("200") => {
+                let body = hostcalls::get_buffer(
+                    proxy_wasm::types::BufferType::HttpCallResponseBody,
+                    0,
+                    body_size,
+                )
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+                KeySet::parse(&body, &p.algorithms)
+                    .map(|k| (body, k))
+                    .map_err(|e| e.to_string())
+            }
+            Some(other) => Err(format!("JWKS endpoint answered HTTP {other}")),
+            None => Err("JWKS fetch failed or timed out".to_string()),
+        };
+        let lease_key = shared_key("jwks_lease", &p.name);
+        match doc {
+            Ok((body, keys)) => {
+                let fetched_at = secs(now_ms);
+                log::info!(
+                    "provider {}: {} keys loaded from {}",
+                    p.name,
+                    keys.len(),
+                    p.jwks.uri
+                );
+                let mut shared = fetched_at.to_string().into_bytes();
+                shared.push(b'\n');
+                shared.extend_from_slice(&body);
+                let key = shared_key("jwks", &p.name);
+                let _ = hostcalls::set_shared_data(&key, Some(&shared), None);
+                let cas = hostcalls::get_shared_data(&key)
+                    .ok()
+                    .and_then(|(_, cas)| cas);
+                self.install(provider, keys, fetched_at, cas);
+                metrics::bump(self.metrics.jwks_fetch_ok);
+            }
+            Err(problem) => {
+                log::error!(
+                    "provider {}: JWKS refused, keeping previous keys: {problem}",
+                    p.name
+                );
+                if let Some(state) = self.providers.get_mut(provider) {
+                    state.clock.finished(None);
+                }
+                metrics::bump(self.metrics.jwks_fetch_failed);
+            }
+        }
+        // Released after publishing, so no VM starts a fetch the result already answers.
+        let _ = hostcalls::set_shared_data(&lease_key, Some(b"0"), None);
+        Some(provider)
+    }
+
+    fn install(&mut self, provider: usize, keys: KeySet, fetched_at: u64, cas: Option<u32>) {
+        if let Some(state) = self.providers.get_mut(provider) {
+            state.keys = Some(Rc::new(keys));
+            state.clock.finished(Some(fetched_at));
+            state.shared_cas = cas;
+        }
+        // Tokens were verified against the old set; a removed key must not live on in the cache.
+        self.cache.forget_provider(provider);
+    }
+
+    /// Picks up keys another VM published. Returns whether new keys arrived.
+    pub fn sync_shared(&mut self, provider: usize, _now_ms: u64) -> bool {
+        let policy = Rc::clone(&self.policy);
+        let Some(p) = policy.providers.get(provider) else {
+            return false;
+        };
+        let Ok((Some(value), cas)) = hostcalls::get_shared_data(&shared_key("jwks", &p.name))
+        else {
+            return false;
+        };
+        if cas.is_some()
+            && self
+                .providers
+                .get(provider)
+                .is_some_and(|s| s.shared_cas == cas)
+        {
+            return false;
+        }
+        let Some(split) = value.iter().position(|b| *b == b'\n') else {
+            return false;
+        };
+        let fetched_at = value
+            .get(..split)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<u64>().ok());
+        let (Some(fetched_at), Some(body)) = (fetched_at, value.get(split + 1..)) else {
+            return false;
+        };
+        if self
+            .providers
+            .get(provider)
+            .and_then(|s| s.clock.fetched_at)
+            .is_some_and(|mine| mine > fetched_at)
+        {
+            return false;
+        }
+        match KeySet::parse(body, &p.algorithms) {
+            Ok(keys) => {
+                let in_flight = self
+                    .providers
+                    .get(provider)
+                    .is_some_and(|s| s.clock.in_flight);
+                self.install(provider, keys, fetched_at, cas);
+                if in_flight {
+                    // Our own fetch may still answer; keep waiting for it.
+                    if let Some(s) = self.providers.get_mut(provider) {
+                        s.clock.in_flight = true;
+                    }
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The timer: shared keys, scheduled fetches, lost callouts, gauges.
+    /// Returns the providers whose waiters should be decided again, and the
+    /// waiters whose deadline passed.
+    pub fn tick(&mut self, now_ms: u64) -> (Vec<usize>, Vec<Waiter>) {
+        let now = secs(now_ms);
+        let mut ready = Vec::new();
+        let sync_all = !self.waiters.is_empty()
+            || self.providers.iter().any(|p| p.keys.is_none())
+            || now_ms.saturating_sub(self.last_sync_ms) >= 1000;
+        if sync_all {
+            self.last_sync_ms = now_ms;
+        }
+        let mut oldest = 0;
+        for i in 0..self.providers.len() {
+            if sync_all && self.sync_shared(i, now_ms) {
+                ready.push(i);
+            }
+            let Some(src) = self.policy.providers.get(i).map(|p| &p.jwks) else {
+                continue;
+            };
+            if let Some(state) = self.providers.get_mut(i) {
+                if state.clock.in_flight && now_ms > state.in_flight_until_ms {
+                    state.clock.finished(None);
+                    self.callouts.retain(|(_, p)| *p != i);
+                    ready.push(i);
+                }
+                if let Some(at) = state.clock.fetched_at {
+                    oldest = oldest.max(now.saturating_sub(at));
+                }
+                if state.clock.fetch_due(src, now) {
+                    self.start_fetch(i, now_ms, false);
+                }
+            }
+        }
+        metrics::set(self.metrics.key_age_seconds, oldest);
+        metrics::set(self.metrics.token_cache_entries, self.cache.len() as u64);
+        let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.deadline_ms <= now_ms);
+        self.waiters = waiting;
+        (ready, expired)
+    }
+
+    /// Takes the waiters of `provider` out of the list.
+    pub fn take_waiters(&mut self, provider: usize) -> Vec<Waiter> {
+        let (mine, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.provider == provider);
+        self.waiters = rest;
+        mine
+    }
+}
+
+/// A callout answered (in whichever context dispatched it): take the keys,
+/// then decide the requests that waited for them.
+pub fn on_callout(worker: &Rc<RefCell<Worker>>, token: u32, body_size: usize) {
+    let now = now_ms();
+    let done = worker.borrow_mut().on_fetch_response(token, body_size, now);
+    if let Some(provider) = done {
+        let waiters = worker.borrow_mut().take_waiters(provider);
+        wake(worker, waiters, now);
+    }
+}
+
+/// Decides the given waiters again, for good, each in its own context.
+pub fn wake(worker: &Rc<RefCell<Worker>>, waiters: Vec<Waiter>, now_ms: u64) {
+    for w in waiters {
+        let Some(pending) = w.pending.upgrade() else {
+            continue;
+        };
+        if hostcalls::set_effective_context(w.context_id).is_err() {
+            continue;
+        }
+        http::finish_waiting(worker, &pending, now_ms);
+    }
+}
