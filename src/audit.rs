@@ -73,7 +73,7 @@ impl AuditRecord {
             &mut self.path,
             &mut self.vm,
         ] {
-            *s = clip(s);
+            clip_in_place(s);
         }
         for s in [
             &mut self.request_id,
@@ -91,7 +91,7 @@ impl AuditRecord {
         .into_iter()
         .flatten()
         {
-            *s = clip(s);
+            clip_in_place(s);
         }
         for list in [
             &mut self.scopes_granted,
@@ -99,22 +99,25 @@ impl AuditRecord {
             &mut self.amr,
         ] {
             list.truncate(MAX_ITEMS);
-            for s in list.iter_mut() {
-                *s = clip(s);
-            }
+            list.iter_mut().for_each(clip_in_place);
         }
     }
 }
 
+fn clip_in_place(s: &mut String) {
+    if s.len() > MAX_FIELD {
+        let mut end = MAX_FIELD;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
 fn clip(s: &str) -> String {
-    if s.len() <= MAX_FIELD {
-        return s.to_owned();
-    }
-    let mut end = MAX_FIELD;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.get(..end).unwrap_or_default().to_owned()
+    let mut s = s.to_owned();
+    clip_in_place(&mut s);
+    s
 }
 
 /// A short fingerprint of a token (first 16 hex digits of its SHA-256), to
@@ -231,11 +234,23 @@ impl AuditChain {
         record.vm.clone_from(&self.vm);
         record.seq = self.seq;
         record.chain = String::new();
-        let bytes = serde_json::to_vec(record).unwrap_or_default();
-        let next = link(self.key.as_deref(), &self.prev, &bytes);
+        let mut line = serde_json::to_string(record).unwrap_or_default();
+        let next = link(self.key.as_deref(), &self.prev, line.as_bytes());
         self.prev = next;
         record.chain = hex(&next);
-        serde_json::to_string(record).unwrap_or_default()
+        // `chain` is the last field: splice the value in rather than serialise twice.
+        match line.strip_suffix("\"\"}") {
+            Some(head) if line.ends_with("\"chain\":\"\"}") => {
+                let mut out = String::with_capacity(line.len() + 64);
+                out.push_str(head);
+                out.push('"');
+                out.push_str(&record.chain);
+                out.push_str("\"}");
+                line = out;
+            }
+            _ => line = serde_json::to_string(record).unwrap_or_default(),
+        }
+        line
     }
 }
 
