@@ -54,7 +54,12 @@ pub fn extract_bearer<'a>(values: &[&'a str]) -> Result<Option<&'a str>, Reason>
 /// SHA-256 of the token: the verified-token cache key, and (shortened) the
 /// audit fingerprint. The token itself is never stored.
 pub fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
+    token_digest_bytes(token.as_bytes())
+}
+
+/// SHA-256 of any bytes (also used to tell whether a JWKS document changed).
+pub fn token_digest_bytes(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 /// What phi-guard keeps of a token whose signature and issuer checked out:

@@ -29,6 +29,8 @@ pub struct ProviderKeys {
     pub keys: Option<Rc<KeySet>>,
     /// CAS of the shared-data entry the keys came from.
     shared_cas: Option<u32>,
+    /// SHA-256 of the document the keys came from.
+    doc_digest: Option<[u8; 32]>,
     /// When an in-flight fetch is given up on (its callback may never come
     /// if the context that dispatched it went away).
     in_flight_until_ms: u64,
@@ -265,7 +267,7 @@ impl Worker {
                 let cas = hostcalls::get_shared_data(&key)
                     .ok()
                     .and_then(|(_, cas)| cas);
-                self.install(provider, keys, fetched_at, cas);
+                self.install(provider, keys, &body, fetched_at, cas);
                 metrics::bump(self.metrics.jwks_fetch_ok);
             }
             Err(problem) => {
@@ -284,14 +286,28 @@ impl Worker {
         Some(provider)
     }
 
-    fn install(&mut self, provider: usize, keys: KeySet, fetched_at: u64, cas: Option<u32>) {
+    fn install(
+        &mut self,
+        provider: usize,
+        keys: KeySet,
+        doc: &[u8],
+        fetched_at: u64,
+        cas: Option<u32>,
+    ) {
+        let digest = crate::token::token_digest_bytes(doc);
+        let mut changed = true;
         if let Some(state) = self.providers.get_mut(provider) {
+            changed = state.doc_digest != Some(digest);
             state.keys = Some(Rc::new(keys));
+            state.doc_digest = Some(digest);
             state.clock.finished(Some(fetched_at));
             state.shared_cas = cas;
         }
-        // Tokens were verified against the old set; a removed key must not live on in the cache.
-        self.cache.forget_provider(provider);
+        // Tokens were verified against the old set; a removed key must not live
+        // on in the cache. An unchanged document keeps the cache warm.
+        if changed {
+            self.cache.forget_provider(provider);
+        }
     }
 
     /// Picks up keys another VM published. Returns whether new keys arrived.
@@ -336,7 +352,7 @@ impl Worker {
                     .providers
                     .get(provider)
                     .is_some_and(|s| s.clock.in_flight);
-                self.install(provider, keys, fetched_at, cas);
+                self.install(provider, keys, body, fetched_at, cas);
                 if in_flight {
                     // Our own fetch may still answer; keep waiting for it.
                     if let Some(s) = self.providers.get_mut(provider) {
