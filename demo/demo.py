@@ -4,12 +4,15 @@ Starts a JWKS server (127.0.0.1:10002) for a freshly made RSA key, an upstream
 (127.0.0.1:10001) and Envoy with the shipped envoy/envoy.yaml (listener
 127.0.0.1:10000, admin 127.0.0.1:9901), prints a token and curl lines to try,
 and stops everything on Ctrl-C. `--smoke` runs those requests itself and exits.
+`--servers-only` starts just the JWKS server and the upstream, prints a token
+and stays up: Envoy runs elsewhere (envoy/docker-compose.yaml uses this).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,11 +24,12 @@ from harness import ENVOY_BIN, ENVOY_YAML, REPO, JwksServer, KeyPair, Upstream, 
 
 LISTENER, UPSTREAM, JWKS, ADMIN = 10000, 10001, 10002, 9901
 # mint.py signs with the same key, so more tokens work against the running demo.
-KEY_FILE = REPO / ".run" / "demo-key.json"
+# PHI_GUARD_DEMO_KEY moves it, e.g. when the repo is mounted read-only (docker-compose).
+KEY_FILE = Path(os.environ.get("PHI_GUARD_DEMO_KEY", REPO / ".run" / "demo-key.json"))
 
 
 def save_key(key: KeyPair) -> None:
-    KEY_FILE.parent.mkdir(exist_ok=True)
+    KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
     KEY_FILE.write_text(json.dumps({"kid": key.kid, "alg": key.alg, "pem": key.private_pem().decode()}))
     KEY_FILE.chmod(0o600)
 
@@ -71,9 +75,47 @@ def _interrupt(*_):
     raise KeyboardInterrupt
 
 
+def servers_only(key: KeyPair) -> int:
+    """The IdP (JWKS) and the upstream without Envoy, until Ctrl-C or SIGTERM
+    (`docker compose stop`); Envoy runs elsewhere with envoy/envoy.yaml."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    base = f"http://127.0.0.1:{LISTENER}"
+    try:
+        print(
+            f"""
+phi-guard demo servers are up: JWKS http://127.0.0.1:{JWKS}/.well-known/jwks.json, upstream 127.0.0.1:{UPSTREAM}
+(no Envoy here: start it with envoy/envoy.yaml, listener {base})
+
+  TOKEN={mint(key, scope="read:patient-profile")}
+
+  # allowed (200): scope read:patient-profile
+  curl -i -H "Authorization: Bearer $TOKEN" {base}/fhir/Patient/123
+  # refused (401): no token
+  curl -i {base}/fhir/Patient/123
+  # refused (403): needs delete:lab-results
+  curl -i -X DELETE -H "Authorization: Bearer $TOKEN" {base}/labs/1
+
+  The token expires in 5 minutes. More tokens: python demo/mint.py --scope "delete:lab-results"
+  (with docker compose: docker compose -f envoy/docker-compose.yaml exec demo-idp python demo/mint.py)
+""",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="run the example requests, then stop")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="run the example requests, then stop")
+    mode.add_argument(
+        "--servers-only",
+        action="store_true",
+        help="start only the JWKS server and the upstream (no Envoy), print a token, stay up",
+    )
     args = parser.parse_args()
 
     key = KeyPair.rsa("RS256", kid=f"demo-{int(time.time())}")
@@ -82,6 +124,12 @@ def main() -> int:
         jwks, upstream = JwksServer(key, port=JWKS), Upstream(port=UPSTREAM)
     except OSError as e:
         sys.exit(f"cannot listen on 127.0.0.1:{JWKS}/{UPSTREAM} ({e}): is another demo running?")
+    if args.servers_only:
+        try:
+            return servers_only(key)
+        finally:
+            jwks.stop()
+            upstream.stop()
     # Envoy logs warnings only, so the terminal shows its access log: one line,
     # with the audit record, per request.
     envoy = subprocess.Popen(
