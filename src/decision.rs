@@ -92,8 +92,7 @@ pub fn decide<'k>(
         return deny(Reason::InvalidRequest, Some(index), None);
     }
 
-    let digest = token::token_digest(raw);
-    let verified = match cache.get(&digest) {
+    let verified = match cache.get(raw) {
         Some(hit) => {
             trace.token_cache_hit = Some(true);
             if let Err(reason) = token::check_times(policy, hit.exp, hit.nbf, hit.iat, now) {
@@ -106,7 +105,7 @@ pub fn decide<'k>(
             match token::verify(policy, keys, raw, now) {
                 Ok(v) => {
                     let v = Rc::new(v);
-                    cache.insert(digest, Rc::clone(&v));
+                    cache.insert(raw, Rc::clone(&v));
                     v
                 }
                 Err(Unverified::Refused(reason)) => return deny(reason, Some(index), None),

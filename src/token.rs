@@ -33,11 +33,15 @@ pub fn extract_bearer<'a>(values: &[&'a str]) -> Result<Option<&'a str>, Reason>
     if value.len() > MAX_AUTHORIZATION_BYTES {
         return Err(Reason::InvalidRequest);
     }
+    // Byte-wise: `str` pattern methods decode UTF-8 char by char, slow in wasm
+    // on a kilobyte token. Every byte tested is ASCII, so splits stay on
+    // char boundaries.
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
     let value = value.trim_matches([' ', '\t']);
-    let (scheme, rest) = match value.split_once([' ', '\t']) {
-        Some(parts) => parts,
-        None => (value, ""),
+    let Some(at) = value.bytes().position(|b| blank(&b)) else {
+        return Ok(None);
     };
+    let (scheme, rest) = value.split_at(at);
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Ok(None);
     }
@@ -45,21 +49,25 @@ pub fn extract_bearer<'a>(values: &[&'a str]) -> Result<Option<&'a str>, Reason>
     if token.is_empty() {
         return Ok(None);
     }
-    if token.contains([' ', '\t', ',']) {
+    if token.bytes().any(|b| blank(&b) || b == b',') {
         return Err(Reason::InvalidRequest);
     }
     Ok(Some(token))
 }
 
-/// SHA-256 of the token: the verified-token cache key, and (shortened) the
-/// audit fingerprint. The token itself is never stored.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    token_digest_bytes(token.as_bytes())
+/// SHA-256 of any bytes (tells whether a JWKS document changed).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
-/// SHA-256 of any bytes (also used to tell whether a JWKS document changed).
-pub fn token_digest_bytes(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+/// A short fingerprint of a token (first 16 hex digits of its SHA-256), to
+/// correlate audit records of one token without ever logging it.
+pub fn fingerprint(token: &str) -> String {
+    crate::audit::hex(
+        Sha256::digest(token.as_bytes())
+            .get(..8)
+            .unwrap_or_default(),
+    )
 }
 
 /// What phi-guard keeps of a token whose signature and issuer checked out:
@@ -78,6 +86,9 @@ pub struct VerifiedToken {
     pub nbf: Option<i64>,
     pub iat: Option<i64>,
     pub scopes: GrantedScopes,
+    /// [`fingerprint`] of the token, computed once: SHA-256 costs about 5 µs
+    /// per token in V8, too much to pay again on every cache hit.
+    pub fingerprint: String,
 }
 
 /// The header members phi-guard reads besides `alg`, `kid` and `typ`.
@@ -228,6 +239,7 @@ pub fn verify<'k>(
         exp,
         nbf,
         iat,
+        fingerprint: fingerprint(token),
     })
 }
 
@@ -290,7 +302,12 @@ fn role_scopes(policy: &Policy, other: &BTreeMap<String, serde_json::Value>) -> 
 // ---------------------------------------------------------------------------
 // Verified-token cache
 
-/// Verified tokens by SHA-256, bounded, per worker.
+/// Verified tokens, bounded, per worker.
+///
+/// Keyed by the token's exact bytes, as Envoy's jwt_authn cache is: a hit
+/// needs a byte-for-byte equal token, and looking it up costs a SipHash
+/// rather than the ~5 µs a SHA-256 of the token takes in V8. Memory per
+/// entry is the token's length plus its [`VerifiedToken`].
 ///
 /// Two generations approximate LRU in O(1): entries live in `young`; when it
 /// reaches half the capacity it becomes `old` and the previous `old` is
@@ -300,8 +317,23 @@ fn role_scopes(policy: &Policy, other: &BTreeMap<String, serde_json::Value>) -> 
 #[derive(Debug, Default)]
 pub struct TokenCache {
     capacity: usize,
-    young: HashMap<[u8; 32], Rc<VerifiedToken>>,
-    old: HashMap<[u8; 32], Rc<VerifiedToken>>,
+    young: HashMap<Box<str>, Rc<VerifiedToken>>,
+    old: HashMap<Box<str>, Rc<VerifiedToken>>,
+    /// [`entry_bytes`] summed over each generation.
+    young_bytes: usize,
+    old_bytes: usize,
+}
+
+/// About what one entry costs: the token, the claims kept, the table slot.
+fn entry_bytes(token_len: usize, v: &VerifiedToken) -> usize {
+    let strings = [&v.sub, &v.client_id, &v.azp, &v.jti, &v.acr]
+        .into_iter()
+        .flatten()
+        .chain(&v.amr)
+        .map(String::len)
+        .sum::<usize>();
+    let scopes = v.scopes.iter().map(|s| s.len() + 24).sum::<usize>();
+    token_len + strings + scopes + v.fingerprint.len() + std::mem::size_of::<VerifiedToken>() + 64
 }
 
 impl TokenCache {
@@ -309,42 +341,53 @@ impl TokenCache {
     pub fn new(capacity: usize) -> Self {
         TokenCache {
             capacity,
-            young: HashMap::new(),
-            old: HashMap::new(),
+            ..TokenCache::default()
         }
     }
 
-    /// The verified token for `digest`, if cached and not expired at `now`
-    /// (skew included: an expired entry is dropped, and verification says why).
-    pub fn get(&mut self, digest: &[u8; 32]) -> Option<Rc<VerifiedToken>> {
-        if let Some(hit) = self.young.get(digest) {
+    /// The verified token for `token`, if cached. The caller checks its
+    /// times again: a cached token ages.
+    pub fn get(&mut self, token: &str) -> Option<Rc<VerifiedToken>> {
+        if let Some(hit) = self.young.get(token) {
             return Some(Rc::clone(hit));
         }
-        let hit = self.old.remove(digest)?;
-        self.insert_young(*digest, Rc::clone(&hit));
+        let (key, hit) = self.old.remove_entry(token)?;
+        self.old_bytes = self.old_bytes.saturating_sub(entry_bytes(key.len(), &hit));
+        self.insert_young(key, Rc::clone(&hit));
         Some(hit)
     }
 
     /// Remembers a verified token.
-    pub fn insert(&mut self, digest: [u8; 32], token: Rc<VerifiedToken>) {
+    pub fn insert(&mut self, token: &str, verified: Rc<VerifiedToken>) {
         if self.capacity == 0 {
             return;
         }
-        self.insert_young(digest, token);
+        self.insert_young(token.into(), verified);
     }
 
-    fn insert_young(&mut self, digest: [u8; 32], token: Rc<VerifiedToken>) {
+    fn insert_young(&mut self, token: Box<str>, verified: Rc<VerifiedToken>) {
         let half = self.capacity.div_ceil(2).max(1);
-        if self.young.len() >= half && !self.young.contains_key(&digest) {
+        if self.young.len() >= half && !self.young.contains_key(&token) {
             self.old = std::mem::take(&mut self.young);
+            self.old_bytes = std::mem::take(&mut self.young_bytes);
         }
-        self.young.insert(digest, token);
+        let len = token.len();
+        self.young_bytes += entry_bytes(len, &verified);
+        if let Some(previous) = self.young.insert(token, verified) {
+            self.young_bytes = self.young_bytes.saturating_sub(entry_bytes(len, &previous));
+        }
     }
 
     /// Forgets every token of `provider` (its key set changed).
     pub fn forget_provider(&mut self, provider: usize) {
         self.young.retain(|_, t| t.provider != provider);
         self.old.retain(|_, t| t.provider != provider);
+        self.young_bytes = self
+            .young
+            .iter()
+            .map(|(k, v)| entry_bytes(k.len(), v))
+            .sum();
+        self.old_bytes = self.old.iter().map(|(k, v)| entry_bytes(k.len(), v)).sum();
     }
 
     /// How many tokens are held.
@@ -355,6 +398,11 @@ impl TokenCache {
     /// Nothing is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// About how much memory the entries take (tokens, claims, table slots).
+    pub fn approx_bytes(&self) -> usize {
+        self.young_bytes + self.old_bytes
     }
 }
 
@@ -574,6 +622,11 @@ mod tests {
     }
 
     #[test]
+    fn fingerprint_is_a_sha256_prefix() {
+        assert_eq!(fingerprint("t"), "e3b98a4da31a127d");
+    }
+
+    #[test]
     fn cache_is_bounded_and_keeps_recent_entries() {
         let kit = Kit::new();
         let v = Rc::new(
@@ -586,9 +639,9 @@ mod tests {
             .unwrap(),
         );
         let mut cache = TokenCache::new(4);
-        let d = |i: u8| [i; 32];
+        let d = |i: u8| format!("token-{i}");
         for i in 0..4 {
-            cache.insert(d(i), Rc::clone(&v));
+            cache.insert(&d(i), Rc::clone(&v));
         }
         assert!(cache.len() <= 4);
         for round in 0..50u8 {
@@ -596,14 +649,18 @@ mod tests {
                 cache.get(&d(0)).is_some(),
                 "a hot entry survives (round {round})"
             );
-            cache.insert(d(100 + round), Rc::clone(&v));
+            cache.insert(&d(100 + round), Rc::clone(&v));
             assert!(cache.len() <= 4);
         }
         assert!(cache.get(&d(1)).is_none());
+        let per_entry = entry_bytes(d(0).len(), &v);
+        assert!(cache.approx_bytes() >= cache.len() * per_entry - 4);
+        assert!(cache.approx_bytes() <= cache.len() * (per_entry + 4));
         cache.forget_provider(0);
         assert!(cache.is_empty());
+        assert_eq!(cache.approx_bytes(), 0);
         let mut off = TokenCache::new(0);
-        off.insert(d(1), v);
+        off.insert(&d(1), v);
         assert!(off.is_empty());
     }
 }

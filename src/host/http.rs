@@ -11,7 +11,7 @@ use proxy_wasm::types::{Action, MapType};
 use crate::answer::{self, Reason};
 use crate::audit::{self, AuditRecord};
 use crate::decision::{self, Request, Verdict};
-use crate::token::VerifiedToken;
+use crate::token::{self, VerifiedToken};
 
 use super::metrics;
 use super::worker::{now_ms, Waiter, Worker};
@@ -75,17 +75,21 @@ impl HttpContext for Filter {
         };
         let mut w = worker.borrow_mut();
         let mut p = self.pending.borrow_mut();
-        // A client must never be able to set the identity headers we forward.
-        for (_, header) in &w.policy.claims_to_headers {
-            self.set_http_request_header(header, None);
-        }
+        let mut spoofed = false;
         for (name, value) in self.get_http_request_headers() {
             match name.as_str() {
                 ":method" => p.method = value,
                 ":path" => p.path = value,
                 "authorization" => p.authorization.push(value),
                 "x-request-id" => p.request_id = Some(value),
-                _ => {}
+                other => spoofed |= w.policy.claims_to_headers.iter().any(|(_, h)| h == other),
+            }
+        }
+        // A client must never be able to set the identity headers we forward.
+        // Removing costs a host call each, so only when one was sent.
+        if spoofed {
+            for (_, header) in &w.policy.claims_to_headers {
+                self.set_http_request_header(header, None);
             }
         }
         let now = now_ms();
@@ -130,6 +134,10 @@ impl HttpContext for Filter {
     }
 
     fn on_log(&mut self) {
+        // Usually sealed at the response headers; here only when none came.
+        if self.pending.borrow().sealed {
+            return;
+        }
         let status = hostcalls::get_property(vec!["response", "code"])
             .ok()
             .flatten()
@@ -215,7 +223,7 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(&value));
             }
             // On a public rule any token is ignored, so it is never passed on either.
-            if !policy.forward_token || rule.public {
+            if (!policy.forward_token || rule.public) && !p.authorization.is_empty() {
                 let _ =
                     hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None);
             }
@@ -253,11 +261,18 @@ fn draft(
     policy: &crate::config::Policy,
     now_ms: u64,
 ) -> AuditRecord {
-    let bearer = p
-        .authorization
-        .first()
-        .and_then(|a| a.split_once(' '))
-        .map(|(_, t)| t.trim());
+    let token_fp = match (token, rule) {
+        (Some(t), _) => Some(t.fingerprint.clone()),
+        // A public rule ignores any token, so the record does not name one.
+        (None, Some(r)) if r.public => None,
+        (None, _) => {
+            let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
+            token::extract_bearer(&auth)
+                .ok()
+                .flatten()
+                .map(token::fingerprint)
+        }
+    };
     let mut r = AuditRecord {
         ts: audit::rfc3339_millis(now_ms.saturating_mul(1_000_000)),
         request_id: p.request_id.clone(),
@@ -282,9 +297,7 @@ fn draft(
         sub: token.and_then(|t| t.sub.clone()),
         client_id: token.and_then(|t| t.client_id.clone().or_else(|| t.azp.clone())),
         jti: token.and_then(|t| t.jti.clone()),
-        token_fp: bearer
-            .filter(|_| !rule.is_some_and(|r| r.public))
-            .map(|t| audit::token_fingerprint(t.as_bytes())),
+        token_fp,
         scopes_granted: token
             .map(|t| t.scopes.iter().map(str::to_owned).collect())
             .unwrap_or_default(),

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub step_up_challenges: Option<u32>,
     pub key_age_seconds: Option<u32>,
     pub token_cache_entries: Option<u32>,
+    pub token_cache_bytes: Option<u32>,
 }
 
 fn counter(name: &str) -> Option<u32> {
@@ -53,6 +54,7 @@ impl Metrics {
             step_up_challenges: counter("phi_guard.step_up_challenges"),
             key_age_seconds: gauge("phi_guard.jwks_key_age_seconds"),
             token_cache_entries: gauge("phi_guard.token_cache.entries"),
+            token_cache_bytes: gauge("phi_guard.token_cache.bytes"),
         }
     }
 

@@ -294,7 +294,7 @@ impl Worker {
         fetched_at: u64,
         cas: Option<u32>,
     ) {
-        let digest = crate::token::token_digest_bytes(doc);
+        let digest = crate::token::sha256(doc);
         let mut changed = true;
         if let Some(state) = self.providers.get_mut(provider) {
             changed = state.doc_digest != Some(digest);
@@ -401,6 +401,10 @@ impl Worker {
         }
         metrics::set(self.metrics.key_age_seconds, oldest);
         metrics::set(self.metrics.token_cache_entries, self.cache.len() as u64);
+        metrics::set(
+            self.metrics.token_cache_bytes,
+            self.cache.approx_bytes() as u64,
+        );
         let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
             .partition(|w| w.deadline_ms <= now_ms);
