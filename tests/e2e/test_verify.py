@@ -6,12 +6,13 @@ says otherwise, so only the token decides."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
 
 from conftest import FAMILIES
-from harness import KeyPair, Response, default_claims, eventually, mint, tamper
+from harness import ENVOY_BIN, REPO, KeyPair, Response, default_claims, eventually, mint, tamper
 
 PATH = "/fhir/Patient/123"
 
@@ -301,6 +302,22 @@ def test_invalid_config_fails_plugin_start(envoy_factory, policy, mutate, mentio
 def test_config_that_is_not_json_fails_plugin_start(envoy_factory):
     log = envoy_factory('{"providers": [', start=False).expect_start_failure()
     assert "phi_guard" in log
+
+
+def test_envoy_validate_mode_checks_the_policy(envoy_factory, policy):
+    """`envoy --mode validate` loads the plugin, so CI can check a config change
+    (README, Deploying): the shipped config passes, a broken policy fails naming the field."""
+
+    def validate(envoy):
+        argv = [str(ENVOY_BIN), "--mode", "validate", "-c", str(envoy.config_path), "--use-dynamic-base-id"]
+        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    good = validate(envoy_factory(policy, start=False))
+    assert good.returncode == 0, good.stdout[-2000:] + good.stderr[-2000:]
+    policy["rules"][1]["methods"] = ["get"]
+    bad = validate(envoy_factory(policy, start=False))
+    assert bad.returncode != 0
+    assert "methods" in bad.stdout + bad.stderr and '"get"' in bad.stdout + bad.stderr, bad.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------
