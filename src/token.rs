@@ -309,19 +309,27 @@ fn role_scopes(policy: &Policy, other: &BTreeMap<String, serde_json::Value>) -> 
 /// rather than the ~5 µs a SHA-256 of the token takes in V8. Memory per
 /// entry is the token's length plus its [`VerifiedToken`].
 ///
-/// Two generations approximate LRU in O(1): entries live in `young`; when it
-/// reaches half the capacity it becomes `old` and the previous `old` is
-/// dropped; a hit in `old` moves the entry back to `young`. So an entry used
-/// within the last `capacity / 2` insertions always survives, and at most
-/// `capacity` entries are held.
+/// Eviction is CLOCK (second chance), an O(1) approximation of LRU: a hit
+/// marks its slot; when the cache is full the hand sweeps the slots,
+/// unmarking marked ones, and evicts the first unmarked one. Unlike a
+/// two-generation scheme it holds `capacity` tokens even when they are used
+/// round robin, which is how many clients share one gateway.
 #[derive(Debug, Default)]
 pub struct TokenCache {
     capacity: usize,
-    young: HashMap<Box<str>, Rc<VerifiedToken>>,
-    old: HashMap<Box<str>, Rc<VerifiedToken>>,
-    /// [`entry_bytes`] summed over each generation.
-    young_bytes: usize,
-    old_bytes: usize,
+    /// Token -> its slot.
+    index: HashMap<Rc<str>, usize>,
+    slots: Vec<Slot>,
+    hand: usize,
+    /// [`entry_bytes`] summed over the slots.
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Slot {
+    token: Rc<str>,
+    verified: Rc<VerifiedToken>,
+    used: bool,
 }
 
 /// About what one entry costs: the token, the claims kept, the table slot.
@@ -333,7 +341,13 @@ fn entry_bytes(token_len: usize, v: &VerifiedToken) -> usize {
         .map(String::len)
         .sum::<usize>();
     let scopes = v.scopes.iter().map(|s| s.len() + 24).sum::<usize>();
-    token_len + strings + scopes + v.fingerprint.len() + std::mem::size_of::<VerifiedToken>() + 64
+    token_len
+        + strings
+        + scopes
+        + v.fingerprint.len()
+        + std::mem::size_of::<VerifiedToken>()
+        + std::mem::size_of::<Slot>()
+        + 64
 }
 
 impl TokenCache {
@@ -348,51 +362,77 @@ impl TokenCache {
     /// The verified token for `token`, if cached. The caller checks its
     /// times again: a cached token ages.
     pub fn get(&mut self, token: &str) -> Option<Rc<VerifiedToken>> {
-        if let Some(hit) = self.young.get(token) {
-            return Some(Rc::clone(hit));
-        }
-        let (key, hit) = self.old.remove_entry(token)?;
-        self.old_bytes = self.old_bytes.saturating_sub(entry_bytes(key.len(), &hit));
-        self.insert_young(key, Rc::clone(&hit));
-        Some(hit)
+        let at = *self.index.get(token)?;
+        let slot = self.slots.get_mut(at)?;
+        slot.used = true;
+        Some(Rc::clone(&slot.verified))
     }
 
-    /// Remembers a verified token.
+    /// Remembers a verified token, evicting one if full.
     pub fn insert(&mut self, token: &str, verified: Rc<VerifiedToken>) {
         if self.capacity == 0 {
             return;
         }
-        self.insert_young(token.into(), verified);
-    }
-
-    fn insert_young(&mut self, token: Box<str>, verified: Rc<VerifiedToken>) {
-        let half = self.capacity.div_ceil(2).max(1);
-        if self.young.len() >= half && !self.young.contains_key(&token) {
-            self.old = std::mem::take(&mut self.young);
-            self.old_bytes = std::mem::take(&mut self.young_bytes);
+        let bytes = entry_bytes(token.len(), &verified);
+        if let Some(slot) = self.index.get(token).and_then(|&at| self.slots.get_mut(at)) {
+            self.bytes = self.bytes + bytes - entry_bytes(token.len(), &slot.verified);
+            slot.verified = verified;
+            slot.used = true;
+            return;
         }
-        let len = token.len();
-        self.young_bytes += entry_bytes(len, &verified);
-        if let Some(previous) = self.young.insert(token, verified) {
-            self.young_bytes = self.young_bytes.saturating_sub(entry_bytes(len, &previous));
+        let token: Rc<str> = Rc::from(token);
+        let fresh = Slot {
+            token: Rc::clone(&token),
+            verified,
+            used: false,
+        };
+        self.bytes += bytes;
+        if self.slots.len() < self.capacity {
+            self.index.insert(token, self.slots.len());
+            self.slots.push(fresh);
+            return;
+        }
+        // Two sweeps at most: the first unmarks every slot it passes.
+        for _ in 0..2 * self.slots.len() {
+            let at = self.hand;
+            self.hand = (at + 1) % self.slots.len();
+            let Some(slot) = self.slots.get_mut(at) else {
+                break;
+            };
+            if slot.used {
+                slot.used = false;
+                continue;
+            }
+            let old = std::mem::replace(slot, fresh);
+            self.index.remove(&old.token);
+            self.bytes = self
+                .bytes
+                .saturating_sub(entry_bytes(old.token.len(), &old.verified));
+            self.index.insert(token, at);
+            return;
         }
     }
 
     /// Forgets every token of `provider` (its key set changed).
     pub fn forget_provider(&mut self, provider: usize) {
-        self.young.retain(|_, t| t.provider != provider);
-        self.old.retain(|_, t| t.provider != provider);
-        self.young_bytes = self
-            .young
+        self.slots.retain(|s| s.verified.provider != provider);
+        self.index = self
+            .slots
             .iter()
-            .map(|(k, v)| entry_bytes(k.len(), v))
+            .enumerate()
+            .map(|(at, s)| (Rc::clone(&s.token), at))
+            .collect();
+        self.bytes = self
+            .slots
+            .iter()
+            .map(|s| entry_bytes(s.token.len(), &s.verified))
             .sum();
-        self.old_bytes = self.old.iter().map(|(k, v)| entry_bytes(k.len(), v)).sum();
+        self.hand = 0;
     }
 
     /// How many tokens are held.
     pub fn len(&self) -> usize {
-        self.young.len() + self.old.len()
+        self.slots.len()
     }
 
     /// Nothing is held.
@@ -402,7 +442,7 @@ impl TokenCache {
 
     /// About how much memory the entries take (tokens, claims, table slots).
     pub fn approx_bytes(&self) -> usize {
-        self.young_bytes + self.old_bytes
+        self.bytes
     }
 }
 
@@ -662,5 +702,34 @@ mod tests {
         let mut off = TokenCache::new(0);
         off.insert(&d(1), v);
         assert!(off.is_empty());
+    }
+
+    #[test]
+    fn cache_holds_capacity_tokens_used_round_robin() {
+        let kit = Kit::new();
+        let v = Rc::new(
+            verify(
+                &kit.policy(&[]),
+                &|_| Some(&kit.keys),
+                &kit.es256.sign(&kit.claims(), &[]),
+                NOW,
+            )
+            .unwrap(),
+        );
+        let mut cache = TokenCache::new(100);
+        let d = |i: usize| format!("token-{i}");
+        for i in 0..100 {
+            cache.insert(&d(i), Rc::clone(&v));
+        }
+        for round in 0..3 {
+            for i in 0..100 {
+                assert!(cache.get(&d(i)).is_some(), "token {i}, round {round}");
+            }
+        }
+        // Full: a newcomer evicts exactly one, and is then found.
+        cache.insert("newcomer", Rc::clone(&v));
+        assert_eq!(cache.len(), 100);
+        assert!(cache.get("newcomer").is_some());
+        assert_eq!((0..100).filter(|&i| cache.get(&d(i)).is_none()).count(), 1);
     }
 }
