@@ -48,6 +48,9 @@ pub enum Reason {
     StepUpRequired(StepUpFailure),
     Revoked,
     KeysUnavailable,
+    /// The client went away while its request waited for keys; nothing was
+    /// forwarded and no answer was sent.
+    ClientClosed,
 }
 
 impl Reason {
@@ -76,11 +79,12 @@ impl Reason {
             Reason::StepUpRequired(_) => "step_up_required",
             Reason::Revoked => "revoked",
             Reason::KeysUnavailable => "keys_unavailable",
+            Reason::ClientClosed => "client_closed",
         }
     }
 
     /// Every reason, for stats registration and tests.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Reason::Ok,
         Reason::BadPath,
         Reason::NoRule,
@@ -105,6 +109,7 @@ impl Reason {
         Reason::StepUpRequired(StepUpFailure::Age),
         Reason::Revoked,
         Reason::KeysUnavailable,
+        Reason::ClientClosed,
     ];
 }
 
@@ -161,7 +166,8 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
             }
             (401, Some(www), "stronger authentication required\n")
         }
-        Reason::KeysUnavailable => (503, None, "service unavailable\n"),
+        // ClientClosed is never sent; were it, it would be this.
+        Reason::KeysUnavailable | Reason::ClientClosed => (503, None, "service unavailable\n"),
         Reason::Ok => (500, None, "internal error\n"),
         Reason::Malformed
         | Reason::AlgNotAllowed

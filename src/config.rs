@@ -292,6 +292,16 @@ impl Rule {
             .as_ref()
             .is_none_or(|m| m.iter().any(|x| x == method))
     }
+
+    /// Whether this rule, placed first, would match every request `later` matches.
+    pub fn shadows(&self, later: &Rule) -> bool {
+        let methods = match (&self.methods, &later.methods) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => theirs.iter().all(|m| mine.contains(m)),
+        };
+        methods && self.path.covers(&later.path)
+    }
 }
 
 /// Upper bounds that keep a typo from becoming a hole or a hang.
@@ -356,6 +366,21 @@ impl Policy {
             let rule = compile_rule(r, &at, defaults.as_ref())?;
             if !ids.insert(rule.id.clone()) {
                 return Err(err(at("id"), "duplicate rule id"));
+            }
+            // First match wins, so a rule an earlier one fully covers is dead
+            // and, worse, its requests get the earlier rule's (weaker) checks.
+            if let Some((j, earlier)) = rules
+                .iter()
+                .enumerate()
+                .find(|(_, e): &(usize, &Rule)| e.shadows(&rule))
+            {
+                return Err(err(
+                    at("path"),
+                    format!(
+                        "never reached: rules[{j}] ({:?}) comes first and matches every request this rule would; put the more specific rule first",
+                        earlier.id
+                    ),
+                ));
             }
             rules.push(rule);
         }
@@ -820,6 +845,37 @@ mod tests {
         let e = load(&doc).unwrap_err();
         assert!(e.problem.contains("scope"), "{e}");
         assert!(Policy::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn a_rule_hidden_by_an_earlier_one_is_refused() {
+        let with_rules = |rules: Value| {
+            let mut doc = base();
+            doc["rules"] = rules;
+            load(&doc)
+        };
+        let read = json!({"id": "read", "methods": ["GET"], "path": "/fhir/Patient/{id}", "scopes": ["r"]});
+        let export = json!({"id": "export", "methods": ["GET"], "path": "/fhir/Patient/$export", "scopes": ["x"]});
+        let e = with_rules(json!([read, export])).unwrap_err();
+        assert_eq!(e.field, "rules[1].path", "{e}");
+        assert!(
+            e.problem.contains("rules[0]") && e.problem.contains("read"),
+            "{e}"
+        );
+        // The specific rule first is the intended order.
+        assert!(with_rules(json!([export, read])).is_ok());
+        // Disjoint or narrower methods leave the later rule reachable.
+        let delete = json!({"id": "del", "methods": ["DELETE", "GET"], "path": "/fhir/Patient/$export", "scopes": ["x"]});
+        assert!(with_rules(json!([read, delete])).is_ok());
+        let any = json!({"id": "any", "path": "/fhir/{rest=**}", "scopes": ["r"]});
+        assert!(with_rules(json!([any, export])).is_err());
+        assert!(with_rules(json!([export, any])).is_ok());
+        // `{id}` never matches an empty segment, so it does not hide a trailing `/`.
+        let slash =
+            json!({"id": "slash", "methods": ["GET"], "path": "/fhir/Patient/", "scopes": ["r"]});
+        assert!(with_rules(json!([read, slash])).is_ok());
+        let deeper = json!({"id": "deeper", "methods": ["GET"], "path": "/fhir/Patient/{id}/_history", "scopes": ["r"]});
+        assert!(with_rules(json!([read, deeper])).is_ok());
     }
 
     #[test]

@@ -405,6 +405,29 @@ impl PathTemplate {
         self.matches_segments(path.segments())
     }
 
+    /// Whether every path `other` matches is matched by `self` too (so a
+    /// rule with `other` placed after one with `self` can be hidden). Errs
+    /// towards `false` where the templates cannot be compared segment by segment.
+    pub fn covers(&self, other: &PathTemplate) -> bool {
+        let mut theirs = other.segments.iter();
+        for mine in &self.segments {
+            let Some(their) = theirs.next() else {
+                return false;
+            };
+            let covered = match (mine, their) {
+                (Segment::Rest, _) => return true,
+                (Segment::One, Segment::One) => true,
+                (Segment::One, Segment::Literal(lit)) => !lit.is_empty(),
+                (Segment::Literal(a), Segment::Literal(b)) => a == b,
+                _ => false,
+            };
+            if !covered {
+                return false;
+            }
+        }
+        theirs.next().is_none()
+    }
+
     /// The template as written in the configuration.
     pub fn as_str(&self) -> &str {
         &self.source

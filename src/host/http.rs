@@ -10,7 +10,7 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::answer::{self, Reason};
 use crate::audit::{self, AuditRecord};
-use crate::decision::{self, Request, Verdict};
+use crate::decision::{self, Request, Trace, Verdict};
 use crate::token::{self, VerifiedToken};
 
 use super::metrics;
@@ -29,6 +29,8 @@ pub struct Pending {
     record: Option<AuditRecord>,
     sealed: bool,
     paused: bool,
+    /// Paused for keys at least once (counted as a key-cache miss then).
+    waited: bool,
 }
 
 pub struct Filter {
@@ -93,10 +95,10 @@ impl HttpContext for Filter {
             }
         }
         let now = now_ms();
-        let mut verdict = run(&mut w, &p, now, true);
+        let (mut verdict, mut trace) = run(&mut w, &p, now, true);
         if let Verdict::Wait { provider, .. } = verdict {
             if w.sync_shared(provider, now) {
-                verdict = run(&mut w, &p, now, true);
+                (verdict, trace) = run(&mut w, &p, now, true);
             }
         }
         if let Verdict::Wait {
@@ -105,7 +107,11 @@ impl HttpContext for Filter {
         } = verdict
         {
             metrics::bump(w.metrics.key_cache_miss);
-            if w.want_keys(provider, unknown_kid, now) {
+            p.waited = true;
+            let fetching = w.want_keys(provider, unknown_kid, now);
+            // A fetch is dispatched from the root context (see start_fetch).
+            let _ = hostcalls::set_effective_context(self.context_id);
+            if fetching {
                 let timeout = w
                     .policy
                     .providers
@@ -120,8 +126,9 @@ impl HttpContext for Filter {
                 p.paused = true;
                 return Action::Pause;
             }
-            verdict = run(&mut w, &p, now, false);
+            (verdict, trace) = run(&mut w, &p, now, false);
         }
+        w.count_caches(trace, &verdict, p.waited);
         apply(&mut w, &mut p, verdict, now)
     }
 
@@ -138,6 +145,7 @@ impl HttpContext for Filter {
         if self.pending.borrow().sealed {
             return;
         }
+        self.record_abandoned();
         let status = hostcalls::get_property(vec!["response", "code"])
             .ok()
             .flatten()
@@ -149,6 +157,22 @@ impl HttpContext for Filter {
 }
 
 impl Filter {
+    /// A request still waiting for keys when its stream ends (the client
+    /// went away) is audited too: denied, nothing forwarded.
+    fn record_abandoned(&mut self) {
+        let (Some(worker), mut p) = (&self.worker, self.pending.borrow_mut()) else {
+            return;
+        };
+        if p.record.is_some() || !p.paused {
+            return;
+        }
+        p.paused = false;
+        let w = worker.borrow();
+        w.metrics.decision(Reason::ClientClosed);
+        let record = draft(&p, Reason::ClientClosed, None, None, &w.policy, now_ms());
+        p.record = Some(record);
+    }
+
     /// Completes the record with the response status, chains it, and hands
     /// it to the access log. Once per request.
     fn seal(&mut self, status: Option<u16>) {
@@ -169,14 +193,14 @@ impl Filter {
     }
 }
 
-fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> Verdict {
+fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> (Verdict, Trace) {
     let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
     let req = Request {
         method: &p.method,
         path: &p.path,
         authorization: &auth,
     };
-    w.decide(&req, now, may_wait).0
+    w.decide(&req, now, may_wait)
 }
 
 /// Called by the root, with this request's context made effective, once keys
@@ -187,7 +211,8 @@ pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, pending: &Rc<RefCell<Pending
     if !p.paused {
         return;
     }
-    let verdict = run(&mut w, &p, now, false);
+    let (verdict, trace) = run(&mut w, &p, now, false);
+    w.count_caches(trace, &verdict, p.waited);
     if apply(&mut w, &mut p, verdict, now) == Action::Continue {
         let _ = hostcalls::resume_http_request();
     }

@@ -76,14 +76,18 @@ fn vm_id() -> String {
     format!("{start:x}-x")
 }
 
-fn audit_key(policy: &Policy) -> Option<Vec<u8>> {
-    let name = policy.audit_hmac_key_env.as_deref()?;
+/// The audit HMAC key, if the policy names one. A named but unset variable
+/// is a configuration error: falling back to a plain SHA-256 chain would
+/// quietly let anyone who can edit the log recompute it.
+fn audit_key(policy: &Policy) -> Result<Option<Vec<u8>>, String> {
+    let Some(name) = policy.audit_hmac_key_env.as_deref() else {
+        return Ok(None);
+    };
     match std::env::var(name) {
-        Ok(v) if !v.is_empty() => Some(v.into_bytes()),
-        _ => {
-            log::error!("audit.hmac_key_env names {name}, which is not set for the VM; audit chain falls back to plain SHA-256");
-            None
-        }
+        Ok(v) if !v.is_empty() => Ok(Some(v.into_bytes())),
+        _ => Err(format!(
+            "invalid configuration at `audit.hmac_key_env`: environment variable {name} is not set for the VM (pass it with vm_config.environment_variables)"
+        )),
     }
 }
 
@@ -114,8 +118,15 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let chain = AuditChain::new(vm_id(), audit_key(&policy));
-        let worker = Rc::new(RefCell::new(Worker::new(policy, chain)));
+        let key = match audit_key(&policy) {
+            Ok(key) => key,
+            Err(e) => {
+                log::error!("{e}");
+                return false;
+            }
+        };
+        let chain = AuditChain::new(vm_id(), key);
+        let worker = Rc::new(RefCell::new(Worker::new(policy, chain, self.context_id)));
         // The first fetch happens on the first tick: during on_configure the
         // main thread's cluster manager may not be ready to take a callout.
         self.worker = Some(worker);

@@ -13,6 +13,7 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Bytes;
 
+use crate::answer::Reason;
 use crate::audit::AuditChain;
 use crate::config::Policy;
 use crate::decision::{self, Request, Trace, Verdict};
@@ -55,6 +56,10 @@ pub struct Worker {
     pub metrics: Metrics,
     pub chain: AuditChain,
     last_sync_ms: u64,
+    /// Callouts are dispatched from the root context: Envoy cancels a
+    /// context's callouts when it ends, and a request's stream may end
+    /// (client gone) before the JWKS arrives.
+    root_context_id: u32,
 }
 
 /// Milliseconds since the Unix epoch, from the host clock.
@@ -74,7 +79,7 @@ fn shared_key(kind: &str, provider: &str) -> String {
 }
 
 impl Worker {
-    pub fn new(policy: Rc<Policy>, chain: AuditChain) -> Worker {
+    pub fn new(policy: Rc<Policy>, chain: AuditChain, root_context_id: u32) -> Worker {
         let providers = policy
             .providers
             .iter()
@@ -89,6 +94,7 @@ impl Worker {
             metrics: Metrics::define(),
             chain,
             last_sync_ms: 0,
+            root_context_id,
         }
     }
 
@@ -117,17 +123,31 @@ impl Worker {
             may_wait,
             &mut trace,
         );
+        (verdict, trace)
+    }
+
+    /// Counts a request's final decision in the cache stats, once: a request
+    /// that waited for keys is decided more than once.
+    pub fn count_caches(&self, trace: Trace, verdict: &Verdict, waited: bool) {
         match trace.token_cache_hit {
             Some(true) => metrics::bump(self.metrics.token_cache_hit),
             Some(false) => {
                 metrics::bump(self.metrics.token_cache_miss);
-                if !matches!(verdict, Verdict::Wait { .. }) {
+                let keys_missing = matches!(
+                    verdict,
+                    Verdict::Wait { .. }
+                        | Verdict::Deny {
+                            reason: Reason::KeysUnavailable | Reason::UnknownKey,
+                            ..
+                        }
+                );
+                // A request that waited was counted as a key-cache miss then.
+                if !waited && !keys_missing {
                     metrics::bump(self.metrics.key_cache_hit);
                 }
             }
             None => {}
         }
-        (verdict, trace)
     }
 
     /// Makes sure keys for `provider` are on their way; `false` when no fetch
@@ -193,6 +213,8 @@ impl Worker {
             ("accept", "application/json"),
         ];
         let timeout = Duration::from_millis(src.timeout_ms);
+        // The caller restores its own context afterwards.
+        let _ = hostcalls::set_effective_context(self.root_context_id);
         match hostcalls::dispatch_http_call(&src.cluster, headers, None, vec![], timeout) {
             Ok(token) => {
                 state.clock.started(secs(now_ms), for_unknown_kid);

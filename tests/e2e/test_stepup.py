@@ -21,19 +21,10 @@ from test_rules import assert_insufficient_scope, audits, challenge_of
 MFA = "urn:example:loa:mfa"
 EXPORT = "/fhir/$export"
 
-# The shipped policy lists patient-read (GET /fhir/Patient/{id}) before
-# bulk-export-patient (GET /fhir/Patient/$export); the first match wins and
-# `{id}` matches the segment `$export`, so that rule is never reached.
-SHADOWED = pytest.mark.xfail(
-    strict=True,
-    reason="bug: envoy/envoy.yaml (and envoy/istio/wasmplugin.yaml) list patient-read before "
-    "bulk-export-patient, so GET /fhir/Patient/$export matches patient-read: no export:bulk, no step-up",
-)
-
 # Every bulk-data URL of the shipped policy: (method, path, rule id).
 BULK_URLS = [
     ("GET", "/fhir/$export", "bulk-export"),
-    pytest.param("GET", "/fhir/Patient/$export", "bulk-export-patient", marks=SHADOWED, id="GET /fhir/Patient/$export"),
+    ("GET", "/fhir/Patient/$export", "bulk-export-patient"),
     ("GET", "/fhir/Group/cohort-7/$export", "bulk-export-group"),
     ("GET", "/fhir/bulkstatus/job-42", "bulk-status"),
     ("DELETE", "/fhir/bulkstatus/job-42", "bulk-status"),
@@ -224,7 +215,6 @@ def test_bulk_file_path_traversal_does_not_skip_step_up(envoy, upstream, keys):
     assert_step_up_challenge(resp, upstream)
 
 
-@SHADOWED
 def test_patient_level_export_is_not_open_to_patient_readers(envoy, upstream, keys):
     # An ordinary clinician token: may read a patient, may not export, and did
     # not step up. Kicking off a Patient-level bulk export must be refused —

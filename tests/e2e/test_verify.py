@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from conftest import FAMILIES
 from harness import ENVOY_BIN, REPO, KeyPair, Response, default_claims, eventually, mint, tamper
@@ -318,6 +319,15 @@ def test_envoy_validate_mode_checks_the_policy(envoy_factory, policy):
     bad = validate(envoy_factory(policy, start=False))
     assert bad.returncode != 0
     assert "methods" in bad.stdout + bad.stderr and '"get"' in bad.stdout + bad.stderr, bad.stderr[-2000:]
+
+
+def test_istio_plugin_config_is_a_valid_policy(envoy_factory, upstream):
+    """envoy/istio/wasmplugin.yaml's pluginConfig reaches the plugin as this JSON:
+    it must load (its JWKS cluster exists only in a mesh, so only public rules answer)."""
+    plugin = yaml.safe_load((REPO / "envoy" / "istio" / "wasmplugin.yaml").read_text())
+    envoy = envoy_factory(plugin["spec"]["pluginConfig"])
+    assert envoy.get("/healthz").status == 200
+    assert envoy.get("/fhir/Patient/1").status == 401
 
 
 # --------------------------------------------------------------------------
