@@ -60,6 +60,8 @@ pub struct Worker {
     /// context's callouts when it ends, and a request's stream may end
     /// (client gone) before the JWKS arrives.
     root_context_id: u32,
+    /// Has decided a request (worker VMs only; not the main thread's).
+    served: bool,
 }
 
 /// Milliseconds since the Unix epoch, from the host clock.
@@ -95,11 +97,13 @@ impl Worker {
             chain,
             last_sync_ms: 0,
             root_context_id,
+            served: false,
         }
     }
 
     /// Decides a request with the keys this VM holds.
     pub fn decide(&mut self, req: &Request<'_>, now_ms: u64, may_wait: bool) -> (Verdict, Trace) {
+        self.served = true;
         let now = secs(now_ms);
         let mut trace = Trace::default();
         let policy = Rc::clone(&self.policy);
@@ -422,11 +426,15 @@ impl Worker {
             }
         }
         metrics::set(self.metrics.key_age_seconds, oldest);
-        metrics::set(self.metrics.token_cache_entries, self.cache.len() as u64);
-        metrics::set(
-            self.metrics.token_cache_bytes,
-            self.cache.approx_bytes() as u64,
-        );
+        // Every VM writes the same gauge names and the last writer wins: the
+        // main thread's VM, which never serves a request, must not zero them.
+        if self.served {
+            metrics::set(self.metrics.token_cache_entries, self.cache.len() as u64);
+            metrics::set(
+                self.metrics.token_cache_bytes,
+                self.cache.approx_bytes() as u64,
+            );
+        }
         let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
             .partition(|w| w.deadline_ms <= now_ms);
