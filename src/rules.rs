@@ -1321,6 +1321,37 @@ mod tests {
             prop_assert_eq!(segs(&p), vec![once.as_str()]);
         }
 
+        /// `covers` is sound: when it says a template hides another, every
+        /// path the hidden one matches is matched by the first.
+        #[test]
+        fn covers_never_overclaims(
+            a in prop::collection::vec(0..5usize, 1..4),
+            b in prop::collection::vec(0..5usize, 1..4),
+            paths in prop::collection::vec(prop::collection::vec(0..4usize, 1..5), 32),
+        ) {
+            const PIECES: [&str; 5] = ["a", "$x", "", "{v}", "{r=**}"];
+            const SEGS: [&str; 4] = ["a", "$x", "", "b"];
+            let template = |ix: &[usize]| {
+                // `**` only last, as the parser requires.
+                let mut pieces: Vec<&str> = ix.iter().map(|&i| PIECES[i]).collect();
+                if let Some(at) = pieces.iter().position(|p| *p == "{r=**}") {
+                    pieces.truncate(at + 1);
+                }
+                PathTemplate::parse(&format!("/{}", pieces.join("/")))
+            };
+            let (Ok(ta), Ok(tb)) = (template(&a), template(&b)) else { return Ok(()) };
+            if !ta.covers(&tb) {
+                return Ok(());
+            }
+            for p in &paths {
+                let raw: String = p.iter().map(|&i| format!("/{}", SEGS[i])).collect();
+                let Ok(path) = SafePath::parse(&raw) else { continue };
+                if tb.matches(&path) {
+                    prop_assert!(ta.matches(&path), "{} covers {} but not {}", ta, tb, raw);
+                }
+            }
+        }
+
         /// Whatever is accepted resolves, at a normalising upstream, to exactly
         /// the segments we matched; so no template's verdict changes.
         #[test]
