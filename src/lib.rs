@@ -11,6 +11,7 @@ pub mod config;
 pub mod crypto;
 pub mod decision;
 pub mod jwks;
+pub mod pairs;
 pub mod rules;
 pub mod token;
 

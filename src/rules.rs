@@ -7,7 +7,7 @@
 //! meaning could differ between phi-guard and the upstream: encoded `/` or
 //! `\`, a literal `\`, dot segments (also percent-encoded, also Servlet-style
 //! `..;param`), NUL and other control characters, malformed or non-UTF-8
-//! percent-encoding, empty segments (`//`), and paths that are not absolute or
+//! percent-encoding or raw bytes, empty segments (`//`), and paths that are not absolute or
 //! are over [`MAX_PATH_LEN`] bytes. Everything else is percent-decoded exactly
 //! once and matched segment by segment. As a second line of defence against
 //! upstreams that decode twice, a segment is also refused when a *second*
@@ -184,6 +184,8 @@ fn check_char(c: char) -> Result<(), PathError> {
         '\\' => Err(PathError::Backslash),
         '\0' => Err(PathError::Nul),
         c if c.is_control() => Err(PathError::ControlChar),
+        // Raw bytes that were not UTF-8, as the host adapter hands them over.
+        '\u{FFFD}' => Err(PathError::BadEncoding),
         _ => Ok(()),
     }
 }
@@ -735,6 +737,8 @@ mod tests {
             ("/%C0%AF", BadEncoding),
             ("/%E2%82", BadEncoding),
             ("/a%25C0%25AF", BadEncoding),
+            // raw bytes that were not UTF-8, as the host adapter passes them
+            ("/fhir/Patient/\u{FFFD}", BadEncoding),
             // not absolute
             ("", NotAbsolute),
             ("a/b", NotAbsolute),
@@ -1277,7 +1281,7 @@ mod tests {
     /// Any non-empty segment text without separators, `%`, `?`, `#` or
     /// controls that is not a (Servlet-style) dot segment.
     fn plain_segment() -> impl Strategy<Value = String> {
-        "[^/\\\\%?#\\p{Cc}]{1,10}".prop_map(|p| {
+        "[^/\\\\%?#\\p{Cc}\u{FFFD}]{1,10}".prop_map(|p| {
             let base = p.split(';').next().unwrap_or("");
             if base == "." || base == ".." {
                 format!("x{p}")

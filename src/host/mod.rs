@@ -2,6 +2,7 @@
 //! core. Root: configuration, timer, JWKS callouts, shared data. Http: read the
 //! request, ask the core, answer or continue, write the audit record.
 
+mod headers;
 mod http;
 mod metrics;
 mod root;

@@ -249,17 +249,18 @@ impl Worker {
         let (_, provider) = self.callouts.swap_remove(at);
         let policy = Rc::clone(&self.policy);
         let p = policy.providers.get(provider)?;
-        let status = hostcalls::get_map_value(
+        // Bytes: the SDK's String version panics on a value that is not UTF-8.
+        let status = hostcalls::get_map_value_bytes(
             proxy_wasm::types::MapType::HttpCallResponseHeaders,
             ":status",
         )
         .ok()
         .flatten();
         let doc: Result<(Bytes, KeySet), String> = match status.as_deref() {
-            Some("200") if body_size > MAX_JWKS_BYTES => {
+            Some(b"200") if body_size > MAX_JWKS_BYTES => {
                 Err(format!("JWKS of {body_size} bytes is too large"))
             }
-            Some("200") => {
+            Some(b"200") => {
                 let body = hostcalls::get_buffer(
                     proxy_wasm::types::BufferType::HttpCallResponseBody,
                     0,
@@ -272,7 +273,10 @@ impl Worker {
                     .map(|k| (body, k))
                     .map_err(|e| e.to_string())
             }
-            Some(other) => Err(format!("JWKS endpoint answered HTTP {other}")),
+            Some(other) => Err(format!(
+                "JWKS endpoint answered HTTP {}",
+                String::from_utf8_lossy(other)
+            )),
             None => Err("JWKS fetch failed or timed out".to_string()),
         };
         let lease_key = shared_key("jwks_lease", &p.name);

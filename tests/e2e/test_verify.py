@@ -6,6 +6,7 @@ says otherwise, so only the token decides."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 
@@ -328,6 +329,52 @@ def test_istio_plugin_config_is_a_valid_policy(envoy_factory, upstream):
     envoy = envoy_factory(plugin["spec"]["pluginConfig"])
     assert envoy.get("/healthz").status == 200
     assert envoy.get("/fhir/Patient/1").status == 401
+
+
+# --------------------------------------------------------------------------
+# Bytes that are not UTF-8 (HTTP allows obs-text in header values)
+
+
+def raw_get(port: int, target: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """One HTTP/1.1 request written byte for byte; returns the status code."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        lines = [b"GET " + target + b" HTTP/1.1", b"Host: fhir.example.org", b"Connection: close"]
+        lines += [name + b": " + value for name, value in headers]
+        s.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+def test_header_bytes_that_are_not_utf8_are_passed_on_and_the_filter_keeps_serving(envoy, upstream, keys):
+    token = mint(keys["RS256"]).encode()
+    # A Latin-1 value once aborted the VM (the SDK's String API panics): every
+    # later request was then 503.
+    auth = (b"Authorization", b"Bearer " + token)
+    assert raw_get(envoy.port, PATH.encode(), [(b"X-Note", b"caf\xe9"), auth]) == 200
+    assert upstream.last.header("x-note") == "caf\xe9"  # read as Latin-1 upstream too
+    assert upstream.last.header("authorization") is None
+    assert upstream.last.header("x-phi-subject") == "user-4711"
+    # In the token itself it is an invalid token, and a spoofed identity
+    # header with such bytes is still removed.
+    assert raw_get(envoy.port, PATH.encode(), [(b"Authorization", b"Bearer " + token[:-3] + b"\xff\xfe")]) == 401
+    spoof = (b"X-Phi-Subject", b"adm\xefn")
+    assert raw_get(envoy.port, PATH.encode(), [spoof, auth]) == 200
+    assert upstream.last.header_all("x-phi-subject") == ["user-4711"]
+    assert envoy.get(PATH, token=token.decode()).status == 200
+    assert "panicked" not in envoy.log_text()
+
+
+def test_path_bytes_that_are_not_utf8_are_refused(envoy, upstream, keys):
+    token = mint(keys["RS256"]).encode()
+    before = len(upstream.requests)
+    status = raw_get(envoy.port, b"/fhir/Patient/caf\xe9", [(b"Authorization", b"Bearer " + token)])
+    # Refused by Envoy's codec or by phi-guard's path check; never forwarded.
+    assert status == 400, status
+    assert len(upstream.requests) == before
+    assert envoy.get(PATH, token=token.decode()).status == 200
+    assert "panicked" not in envoy.log_text()
 
 
 # --------------------------------------------------------------------------

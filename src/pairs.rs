@@ -1,0 +1,133 @@
+//! The proxy-wasm header-map wire format, read as bytes.
+//!
+//! The host hands a header map over as: the number of pairs (u32,
+//! little-endian), then a (name length, value length) u32 pair for each,
+//! then each name and value followed by a NUL. Header values may hold any
+//! byte but NUL, CR and LF (HTTP's obs-text is legal), so they stay bytes
+//! here: the SDK's `String` API panics on one that is not UTF-8, which aborts
+//! the VM for every later request. Parsing never panics; a map that does not
+//! add up ends the iteration, and a missing header fails closed further on.
+
+/// The pairs of a serialised header map, in order.
+pub fn iter(buf: &[u8]) -> Pairs<'_> {
+    let count = read_u32(buf, 0).unwrap_or(0);
+    Pairs {
+        buf,
+        index: 0,
+        count,
+        // Data starts after the count and the count's length pairs.
+        data: (count as usize)
+            .checked_mul(8)
+            .and_then(|n| n.checked_add(4)),
+    }
+}
+
+/// Iterator over `(name, value)` of a serialised header map.
+pub struct Pairs<'a> {
+    buf: &'a [u8],
+    index: u32,
+    count: u32,
+    /// Offset of the next name; `None` once the map stopped adding up.
+    data: Option<usize>,
+}
+
+impl<'a> Iterator for Pairs<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.index >= self.count {
+            return None;
+        }
+        let sizes = (self.index as usize).checked_mul(8)?.checked_add(4)?;
+        let name_len = read_u32(self.buf, sizes)? as usize;
+        let value_len = read_u32(self.buf, sizes.checked_add(4)?)? as usize;
+        let at = self.data?;
+        let name_end = at.checked_add(name_len)?;
+        let name = self.buf.get(at..name_end)?;
+        let value_at = name_end.checked_add(1)?;
+        let value_end = value_at.checked_add(value_len)?;
+        let value = self.buf.get(value_at..value_end)?;
+        self.data = value_end.checked_add(1);
+        self.index += 1;
+        Some((name, value))
+    }
+}
+
+fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
+    let bytes = buf.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes(<[u8; 4]>::try_from(bytes).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serialises pairs as the host does.
+    fn encode<'a>(pairs: &[(&'a [u8], &'a [u8])]) -> Vec<u8> {
+        let data: usize = pairs.iter().map(|(n, v)| n.len() + v.len() + 2).sum();
+        let mut out = Vec::with_capacity(4 + 8 * pairs.len() + data);
+        out.extend_from_slice(&len_u32(pairs.len()).to_le_bytes());
+        for (name, value) in pairs {
+            out.extend_from_slice(&len_u32(name.len()).to_le_bytes());
+            out.extend_from_slice(&len_u32(value.len()).to_le_bytes());
+        }
+        for (name, value) in pairs {
+            out.extend_from_slice(name);
+            out.push(0);
+            out.extend_from_slice(value);
+            out.push(0);
+        }
+        out
+    }
+
+    /// Lengths in a header map are far below 4 GiB (Envoy caps headers at 8 MiB).
+    fn len_u32(n: usize) -> u32 {
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    #[test]
+    fn round_trip_keeps_order_duplicates_and_any_bytes() {
+        let pairs: Vec<(&[u8], &[u8])> = vec![
+            (b":path", b"/fhir/Patient/1"),
+            (b"x-note", b"caf\xe9"),
+            (b"cookie", b"a=1"),
+            (b"cookie", b""),
+            (b"", b"empty name"),
+        ];
+        let buf = encode(&pairs);
+        assert_eq!(iter(&buf).collect::<Vec<_>>(), pairs);
+    }
+
+    #[test]
+    fn empty_and_truncated_maps_yield_what_adds_up() {
+        assert_eq!(iter(&[]).count(), 0);
+        assert_eq!(iter(&encode(&[])).count(), 0);
+        let buf = encode(&[(b"a", b"1"), (b"bb", b"22")]);
+        // Every truncation yields a prefix of the pairs and never panics
+        // (the last NUL is not needed to read the last value).
+        for cut in 0..buf.len() - 1 {
+            let got: Vec<_> = iter(buf.get(..cut).unwrap_or_default()).collect();
+            assert!(got.len() < 2, "cut at {cut}");
+            if let Some(first) = got.first() {
+                assert_eq!(*first, (&b"a"[..], &b"1"[..]));
+            }
+        }
+    }
+
+    #[test]
+    fn lies_about_sizes_never_panic() {
+        let mut buf = encode(&[(b"a", b"1")]);
+        // Count far beyond the buffer, then lengths beyond it.
+        buf.splice(0..4, u32::MAX.to_le_bytes());
+        assert_eq!(iter(&buf).count(), 0);
+        let mut buf = encode(&[(b"a", b"1")]);
+        buf.splice(4..8, u32::MAX.to_le_bytes());
+        assert_eq!(iter(&buf).count(), 0);
+        for seed in 0u32..2000 {
+            let junk: Vec<u8> = (0..(seed % 64))
+                .map(|i| (seed.wrapping_mul(2_654_435_761).rotate_left(i) & 0xff) as u8)
+                .collect();
+            let _ = iter(&junk).count();
+        }
+    }
+}
