@@ -55,20 +55,8 @@ impl Filter {
     }
 }
 
-impl Context for Filter {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        _headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
-        if let Some(worker) = &self.worker {
-            super::worker::on_callout(worker, token_id, body_size);
-        }
-        let _ = hostcalls::set_effective_context(self.context_id);
-    }
-}
+// JWKS callouts are dispatched and answered in the root context only.
+impl Context for Filter {}
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
@@ -118,8 +106,6 @@ impl HttpContext for Filter {
             metrics::bump(w.metrics.key_cache_miss);
             p.waited = true;
             let fetching = w.want_keys(provider, unknown_kid, now);
-            // A fetch is dispatched from the root context (see start_fetch).
-            let _ = hostcalls::set_effective_context(self.context_id);
             if fetching {
                 let timeout = w
                     .policy

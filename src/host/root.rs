@@ -140,6 +140,11 @@ impl RootContext for Root {
         };
         let (ready, expired) = worker.borrow_mut().tick(now_ms());
         self.wake(&worker, &ready, expired);
+        let mut w = worker.borrow_mut();
+        if w.kicked {
+            w.kicked = false;
+            let _ = hostcalls::set_tick_period(TICK);
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

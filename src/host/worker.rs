@@ -32,10 +32,16 @@ pub struct ProviderKeys {
     shared_cas: Option<u32>,
     /// SHA-256 of the document the keys came from.
     doc_digest: Option<[u8; 32]>,
-    /// When an in-flight fetch is given up on (its callback may never come
-    /// if the context that dispatched it went away).
+    /// When an in-flight fetch is given up on (a safety net: its callback
+    /// should always come, but a lost one must not hold the keys back).
     in_flight_until_ms: u64,
+    /// A request asked for a fetch (`true`: for an unknown `kid`); the root
+    /// context dispatches it on the next tick.
+    fetch_wanted: Option<bool>,
 }
+
+/// Timer period while a request waits for a fetch to be dispatched.
+const KICK: Duration = Duration::from_millis(1);
 
 /// A paused request waiting for a provider's keys.
 pub struct Waiter {
@@ -56,10 +62,14 @@ pub struct Worker {
     pub metrics: Metrics,
     pub chain: AuditChain,
     last_sync_ms: u64,
-    /// Callouts are dispatched from the root context: Envoy cancels a
-    /// context's callouts when it ends, and a request's stream may end
-    /// (client gone) before the JWKS arrives.
+    /// Callouts are dispatched only from the root context's own callbacks:
+    /// Envoy cancels a context's callouts when it ends, and the SDK hands a
+    /// response to the context that was running at dispatch, or drops it if
+    /// that context is gone. A request's stream may end (client gone) before
+    /// the JWKS arrives, and the keys must still land.
     root_context_id: u32,
+    /// The timer runs at [`KICK`] until the root's next tick.
+    pub kicked: bool,
     /// Has decided a request (worker VMs only; not the main thread's).
     served: bool,
 }
@@ -97,6 +107,7 @@ impl Worker {
             chain,
             last_sync_ms: 0,
             root_context_id,
+            kicked: false,
             served: false,
         }
     }
@@ -176,7 +187,15 @@ impl Worker {
             }
             return true;
         }
-        self.start_fetch(provider, now_ms, unknown_kid)
+        // Asked for from a request's context: the root dispatches it (see
+        // `root_context_id`) on a tick brought forward to now.
+        if let Some(s) = self.providers.get_mut(provider) {
+            s.fetch_wanted = Some(s.fetch_wanted == Some(true) || unknown_kid);
+        }
+        if !self.kicked {
+            self.kicked = hostcalls::set_tick_period(KICK).is_ok();
+        }
+        true
     }
 
     /// Starts a fetch if this VM wins the lease; `true` if a fetch is running
@@ -217,7 +236,7 @@ impl Worker {
             ("accept", "application/json"),
         ];
         let timeout = Duration::from_millis(src.timeout_ms);
-        // The caller restores its own context afterwards.
+        // Only root callbacks get here (see `root_context_id`); made sure of anyway.
         let _ = hostcalls::set_effective_context(self.root_context_id);
         match hostcalls::dispatch_http_call(&src.cluster, headers, None, vec![], timeout) {
             Ok(token) => {
@@ -395,7 +414,8 @@ impl Worker {
         }
     }
 
-    /// The timer: shared keys, scheduled fetches, lost callouts, gauges.
+    /// The timer: fetches requests asked for, shared keys, scheduled fetches,
+    /// lost callouts, gauges.
     /// Returns the providers whose waiters should be decided again, and the
     /// waiters whose deadline passed.
     pub fn tick(&mut self, now_ms: u64) -> (Vec<usize>, Vec<Waiter>) {
@@ -406,6 +426,18 @@ impl Worker {
             || now_ms.saturating_sub(self.last_sync_ms) >= 1000;
         if sync_all {
             self.last_sync_ms = now_ms;
+        }
+        for i in 0..self.providers.len() {
+            let wanted = self
+                .providers
+                .get_mut(i)
+                .and_then(|s| s.fetch_wanted.take());
+            // No fetch to be had (rate limit, dispatch refused): its waiters are decided now.
+            if let Some(for_unknown_kid) = wanted {
+                if !self.start_fetch(i, now_ms, for_unknown_kid) {
+                    ready.push(i);
+                }
+            }
         }
         let mut oldest = 0;
         for i in 0..self.providers.len() {
@@ -456,7 +488,7 @@ impl Worker {
     }
 }
 
-/// A callout answered (in whichever context dispatched it): take the keys,
+/// A callout answered (in the root context, which dispatched it): take the keys,
 /// then decide the requests that waited for them.
 pub fn on_callout(worker: &Rc<RefCell<Worker>>, token: u32, body_size: usize) {
     let now = now_ms();

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import FAMILIES
-from harness import ENVOY_BIN, REPO, KeyPair, Response, default_claims, eventually, mint, tamper
+from harness import ENVOY_BIN, REPO, KeyPair, Response, default_claims, eventually, http_request, mint, tamper
 
 PATH = "/fhir/Patient/123"
 
@@ -215,6 +215,27 @@ def test_key_rotation_refetches_once_then_rate_limits(envoy_factory, policy, jwk
 
     time.sleep(window + 0.5)
     assert envoy.get(PATH, token=mint(newer)).status == 200
+
+
+def test_refetch_lands_when_the_request_that_started_it_is_gone(envoy_factory, policy, jwks_server, upstream, keys):
+    # The keys a request's unknown kid fetched must serve later requests even
+    # when that client gave up first (its stream context is gone by then).
+    jwks_settings(policy, min_refetch_seconds=30, timeout_ms=3000, cache_seconds=300)
+    old, new = keys["ES256"], KeyPair.ec("ES256", kid="rotated-1")
+    jwks_server.set_keys(old)
+    envoy = envoy_factory(policy)
+    assert envoy.get(PATH, token=mint(old)).status == 200
+
+    jwks_server.set_keys(old, new)
+    jwks_server.delay_seconds = 1
+    hits = jwks_server.hits
+    with pytest.raises(OSError):  # the client times out while the fetch runs
+        http_request(envoy.port, "GET", PATH, [("Authorization", f"Bearer {mint(new)}")], timeout=0.3)
+    time.sleep(1.5)
+    jwks_server.delay_seconds = 0
+    assert jwks_server.hits == hits + 1
+    assert envoy.get(PATH, token=mint(new)).status == 200
+    assert jwks_server.hits == hits + 1, "the fetched keys were not used"
 
 
 @pytest.mark.parametrize("outage", ["connection_refused", "http_503"])
