@@ -6,6 +6,7 @@ says otherwise, so only the token decides."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import time
@@ -350,6 +351,36 @@ def test_istio_plugin_config_is_a_valid_policy(envoy_factory, upstream):
     envoy = envoy_factory(plugin["spec"]["pluginConfig"])
     assert envoy.get("/healthz").status == 200
     assert envoy.get("/fhir/Patient/1").status == 401
+
+
+# --------------------------------------------------------------------------
+# HTTP/2 (the shipped listener speaks both; h2c with prior knowledge here)
+
+
+def h2_get(port: int, path: str, *headers: str) -> int:
+    """One HTTP/2 request through nghttp (Debian's nghttp2-client); the status."""
+    if not shutil.which("nghttp"):
+        pytest.fail("nghttp is missing: apt-get install nghttp2-client (.ci/run does)")
+    argv = ["nghttp", "-v", "-t", "10", f"http://127.0.0.1:{port}{path}"]
+    for header in headers:
+        argv += ["-H", header]
+    out = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=30).stdout
+    statuses = [line.rsplit(" ", 1)[-1] for line in out.splitlines() if "recv (stream_id=" in line and ":status:" in line]
+    assert statuses, out[-2000:]
+    return int(statuses[-1])
+
+
+def test_http2_requests_are_decided_alike(envoy, upstream, keys):
+    token = mint(keys["ES256"])
+    bearer = f"authorization: Bearer {token}"
+    assert h2_get(envoy.port, PATH, bearer, "x-phi-subject: admin") == 200
+    seen = upstream.last
+    assert seen.header("authorization") is None
+    assert seen.header_all("x-phi-subject") == ["user-4711"]
+    assert h2_get(envoy.port, PATH) == 401
+    assert h2_get(envoy.port, PATH, bearer, bearer) == 400
+    assert h2_get(envoy.port, "/fhir/Patient/1/_history", bearer) == 403
+    assert len(upstream.requests) == 1
 
 
 # --------------------------------------------------------------------------
