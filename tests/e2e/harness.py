@@ -15,6 +15,7 @@ import hmac
 import http.client
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -646,3 +647,63 @@ def eventually(fn, timeout: float = 10, interval: float = 0.2):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+# --------------------------------------------------------------------------
+# Answers and audit records
+# --------------------------------------------------------------------------
+
+# One auth-param of a challenge: name=token or name="quoted-string" (RFC 9110 §11.2).
+_AUTH_PARAM = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]+))\s*(,|$)')
+
+
+def parse_challenge(value: str) -> tuple[str, dict[str, tuple[str, bool]]]:
+    """Splits one challenge into its scheme and {param: (value, was_quoted)}.
+
+    Strict on purpose: anything that is not a clean comma-separated list of
+    auth-params, or a parameter named twice, fails the test."""
+    scheme, _, rest = value.strip().partition(" ")
+    params: dict[str, tuple[str, bool]] = {}
+    pos = 0
+    while pos < len(rest):
+        m = _AUTH_PARAM.match(rest, pos)
+        assert m, f"cannot parse auth-param at {rest[pos:]!r} in {value!r}"
+        name = m.group(1).lower()
+        assert name not in params, f"{name} twice in {value!r}"
+        if m.group(2) is not None:
+            params[name] = (re.sub(r"\\(.)", r"\1", m.group(2)), True)
+        else:
+            params[name] = (m.group(3), False)
+        pos = m.end()
+        assert m.group(4) == "," or pos == len(rest), value
+    return scheme, params
+
+
+def challenge_of(resp: Response) -> tuple[str, dict[str, tuple[str, bool]]]:
+    values = [v for k, v in resp.headers if k.lower() == "www-authenticate"]
+    assert len(values) == 1, f"want exactly one WWW-Authenticate, got {values}"
+    return parse_challenge(values[0])
+
+
+def assert_insufficient_scope(resp: Response, upstream, required: set[str]) -> None:
+    """403 with `Bearer error="insufficient_scope", scope="<rule's scopes>"`."""
+    assert resp.status == 403, (resp.status, resp.text)
+    scheme, params = challenge_of(resp)
+    assert scheme == "Bearer"
+    assert params["error"] == ("insufficient_scope", True), params
+    scope, quoted = params["scope"]
+    assert quoted, "scope must be a quoted-string (RFC 6750 §3)"
+    assert "" not in scope.split(" ") and set(scope.split(" ")) == required, scope
+    assert upstream.requests == [], "a refused request reached the upstream"
+
+
+def audits(envoy, count: int) -> list[dict | None]:
+    """The audit record of each of the first `count` requests (None where the
+    filter never saw the request: Envoy answered it itself)."""
+    records = envoy.access_log(at_least=count, timeout=15)
+    assert len(records) >= count, (records, envoy.log_tail())
+    out = []
+    for r in records[:count]:
+        raw = r.get("audit")
+        out.append(None if raw in (None, "", "-") else json.loads(raw))
+    return out

@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from harness import Response, mint
-from test_rules import assert_insufficient_scope, audits, challenge_of
+from harness import Response, assert_insufficient_scope, audits, challenge_of, mint
 
 MFA = "urn:example:loa:mfa"
 EXPORT = "/fhir/$export"
