@@ -578,3 +578,36 @@ mod tests {
         assert_eq!(r.amr.len(), MAX_ITEMS);
     }
 }
+
+/// Hostile logs, generated: verification answers (no panic) and never calls
+/// a forged record intact.
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,80}",
+            (any::<u64>(), "[a-f0-9]{0,64}", "[ -~]{0,12}").prop_map(|(seq, chain, vm)| format!(
+                r#"{{"ts":"2026-01-01T00:00:00.000Z","decision":"allow","reason":"ok","method":"GET","path":"/","status":200,"vm":"{vm}","seq":{seq},"chain":"{chain}"}}"#
+            )),
+            "[ -~]{0,40}".prop_map(|s| format!(r#"{{"audit":"{s}"}}"#)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn hostile_logs_are_answered(lines in prop::collection::vec(line(), 0..6), anywhere in any::<bool>()) {
+            let text = lines.join("\n");
+            let result = verify_log(text.as_bytes(), None, anywhere);
+            // From the start of a chain (not a rotated log, whose first record
+            // is trusted), only lines that hold no record can pass.
+            if let (Ok(summary), false) = (result, anywhere) {
+                prop_assert_eq!(summary.records, 0, "{}", text);
+            }
+        }
+    }
+}

@@ -894,3 +894,39 @@ mod tests {
         );
     }
 }
+
+/// Hostile policy documents, generated: loading answers (no panic).
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SHIPPED_LIKE: &str = r#"{"providers":[{"name":"idp","issuer":"https://idp","audiences":["api"],
+        "algorithms":["RS256","ES256"],"jwks":{"uri":"https://idp/keys","cluster":"idp","timeout_ms":2000}}],
+        "claims_to_headers":{"sub":"x-phi-subject","scopes":"x-phi-scopes"},
+        "step_up_defaults":{"acr_values":["urn:mfa"],"max_age_seconds":300},
+        "rules":[{"id":"h","path":"/healthz","public":true},
+                 {"id":"e","methods":["GET"],"path":"/fhir/$export","scopes":["export:bulk"],"step_up":"default"},
+                 {"id":"r","methods":["GET"],"path":"/fhir/Patient/{id}","scopes":["read"],"max_token_age_seconds":600},
+                 {"id":"f","path":"/files/{rest=**}","scopes_any":["a","b"]}]}"#;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// One to four bytes of a valid policy replaced.
+        #[test]
+        fn edited_policies_are_answered(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..5),
+        ) {
+            prop_assert!(Policy::from_json(SHIPPED_LIKE.as_bytes()).is_ok());
+            let mut doc = SHIPPED_LIKE.as_bytes().to_vec();
+            for (at, byte) in edits {
+                let i = at.index(doc.len());
+                if let Some(b) = doc.get_mut(i) {
+                    *b = byte;
+                }
+            }
+            let _ = Policy::from_json(&doc);
+        }
+    }
+}

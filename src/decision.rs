@@ -674,3 +674,102 @@ mod tests {
         );
     }
 }
+
+/// Hostile input, generated: whatever arrives, `decide` answers (no panic),
+/// and only the exact tokens the IdP signed get through.
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use crate::testkit::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+    use std::sync::OnceLock;
+
+    struct Fixture {
+        kit: Kit,
+        policy: Policy,
+        /// One valid token per key family.
+        tokens: Vec<String>,
+    }
+
+    fn fixture() -> &'static Fixture {
+        static F: OnceLock<Fixture> = OnceLock::new();
+        F.get_or_init(|| {
+            let kit = Kit::new();
+            let policy = kit.policy(&[
+                json!({"id": "open", "path": "/public/**", "public": true}),
+                json!({"id": "read", "path": "/fhir/Patient/{id}", "scopes": ["read:patient-profile"]}),
+            ]);
+            let tokens = kit.signers().iter().map(|s| s.sign(&kit.claims(), &[])).collect();
+            Fixture {
+                kit,
+                policy,
+                tokens,
+            }
+        })
+    }
+
+    fn verdict(method: &str, path: &str, auth: &[&str]) -> Verdict {
+        let f = fixture();
+        let req = Request {
+            method,
+            path,
+            authorization: auth,
+        };
+        decide(
+            &f.policy,
+            &|_| Some(&f.kit.keys),
+            &mut TokenCache::new(0),
+            &req,
+            NOW,
+            false,
+            &mut Trace::default(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Each token still gets through unchanged (guards the test itself);
+        /// with one to three bytes replaced (read as the host reads a header:
+        /// lossy UTF-8) it never does.
+        #[test]
+        fn a_changed_token_never_gets_through(
+            family in 0usize..5,
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let f = fixture();
+            let token = f.tokens.get(family).cloned().unwrap_or_default();
+            let ok = format!("Bearer {token}");
+            let allowed = |v: &Verdict| matches!(v, Verdict::Allow { token: Some(_), .. });
+            prop_assert!(allowed(&verdict("GET", "/fhir/Patient/1", &[ok.as_str()])));
+            let mut bytes = token.clone().into_bytes();
+            for (at, byte) in edits {
+                let i = at.index(bytes.len());
+                if let Some(b) = bytes.get_mut(i) {
+                    *b = byte;
+                }
+            }
+            let changed = String::from_utf8_lossy(&bytes).into_owned();
+            prop_assume!(changed != token);
+            let header = format!("Bearer {changed}");
+            let v = verdict("GET", "/fhir/Patient/1", &[header.as_str()]);
+            prop_assert!(!allowed(&v), "changed token allowed: {changed}");
+        }
+
+        /// Arbitrary methods, paths and Authorization values: always an
+        /// answer, never an allow on the protected rule.
+        #[test]
+        fn arbitrary_requests_are_answered(
+            method in "[A-Z]{0,8}|\\PC{0,8}",
+            path in "/[ -~]{0,60}|\\PC{0,40}",
+            auth in prop::collection::vec("\\PC{0,200}|[Bb]earer [A-Za-z0-9._~+/=-]{0,300}", 0..3),
+        ) {
+            let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+            let v = verdict(&method, &path, &auth);
+            if let Verdict::Allow { rule, .. } = v {
+                prop_assert_eq!(rule, 0, "only the public rule may allow without a real token");
+            }
+        }
+    }
+}

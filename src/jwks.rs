@@ -499,3 +499,85 @@ mod tests {
         assert!(c.kid_refetch_allowed(&src, 2030));
     }
 }
+
+/// Hostile key sets, generated: parsing answers (no panic), and what it
+/// accepts is only ever usable keys of allowed algorithms.
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    fn b64url() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..600)
+                .prop_map(|b| json!(URL_SAFE_NO_PAD.encode(b))),
+            "[A-Za-z0-9_=+/%-]{0,40}".prop_map(Value::from),
+            Just(json!(null)),
+            any::<i64>().prop_map(Value::from),
+            Just(json!(["AQAB"])),
+        ]
+    }
+
+    fn jwk() -> impl Strategy<Value = Value> {
+        let kty = prop::sample::select(vec!["RSA", "EC", "OKP", "oct", "rsa", "", "RSA\0"]);
+        let crv = prop::sample::select(vec![
+            "P-256",
+            "P-384",
+            "P-521",
+            "Ed25519",
+            "X25519",
+            "secp256k1",
+            "",
+        ]);
+        let alg = prop::sample::select(vec![
+            "RS256", "PS256", "ES256", "ES384", "EdDSA", "HS256", "none", "RS1", "",
+        ]);
+        let kid = prop_oneof![
+            "[ -~]{0,20}".prop_map(Value::from),
+            Just(json!(7)),
+            Just(json!(null))
+        ];
+        (
+            kty,
+            crv,
+            alg,
+            kid,
+            b64url(),
+            b64url(),
+            b64url(),
+            b64url(),
+            any::<u8>(),
+        )
+            .prop_map(|(kty, crv, alg, kid, n, e, x, y, drop)| {
+                let mut k = json!({"kty": kty, "crv": crv, "alg": alg, "kid": kid,
+                                   "n": n, "e": e, "x": x, "y": y, "use": "sig"});
+                // Leave a field out now and then.
+                if let Some(obj) = k.as_object_mut() {
+                    let names: Vec<String> = obj.keys().cloned().collect();
+                    if let Some(name) = names.get(usize::from(drop) % (names.len() + 2)) {
+                        obj.remove(name);
+                    }
+                }
+                k
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn hostile_key_sets_are_answered(keys in prop::collection::vec(jwk(), 0..4)) {
+            let allowed = [Alg::Rs256, Alg::Es256, Alg::EdDsa];
+            let doc = json!({"keys": keys}).to_string();
+            if let Ok(set) = KeySet::parse(doc.as_bytes(), &allowed) {
+                prop_assert!(!set.is_empty());
+            }
+        }
+
+        #[test]
+        fn bytes_of_any_kind_are_answered(doc in prop::collection::vec(any::<u8>(), 0..400)) {
+            let _ = KeySet::parse(&doc, &Alg::ALL);
+        }
+    }
+}
