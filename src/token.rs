@@ -666,18 +666,16 @@ mod tests {
         assert_eq!(fingerprint("t"), "e3b98a4da31a127d");
     }
 
+    /// A verified token to fill caches with.
+    fn verified_es256() -> Rc<VerifiedToken> {
+        let kit = Kit::new();
+        let token = kit.es256.sign(&kit.claims(), &[]);
+        Rc::new(verify(&kit.policy(&[]), &|_| Some(&kit.keys), &token, NOW).unwrap())
+    }
+
     #[test]
     fn cache_is_bounded_and_keeps_recent_entries() {
-        let kit = Kit::new();
-        let v = Rc::new(
-            verify(
-                &kit.policy(&[]),
-                &|_| Some(&kit.keys),
-                &kit.es256.sign(&kit.claims(), &[]),
-                NOW,
-            )
-            .unwrap(),
-        );
+        let v = verified_es256();
         let mut cache = TokenCache::new(4);
         let d = |i: u8| format!("token-{i}");
         for i in 0..4 {
@@ -706,16 +704,7 @@ mod tests {
 
     #[test]
     fn cache_holds_capacity_tokens_used_round_robin() {
-        let kit = Kit::new();
-        let v = Rc::new(
-            verify(
-                &kit.policy(&[]),
-                &|_| Some(&kit.keys),
-                &kit.es256.sign(&kit.claims(), &[]),
-                NOW,
-            )
-            .unwrap(),
-        );
+        let v = verified_es256();
         let mut cache = TokenCache::new(100);
         let d = |i: usize| format!("token-{i}");
         for i in 0..100 {

@@ -166,7 +166,8 @@ impl Worker {
     }
 
     /// Makes sure keys for `provider` are on their way; `false` when no fetch
-    /// can be had (rate limit, dispatch refused), so the request is decided now.
+    /// may be had (unknown-kid rate limit), so the request is decided now. A
+    /// fetch the root then cannot start decides its waiters on that tick.
     pub fn want_keys(&mut self, provider: usize, unknown_kid: bool, now_ms: u64) -> bool {
         let now = secs(now_ms);
         let Some(src) = self.policy.providers.get(provider).map(|p| &p.jwks) else {
