@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -313,9 +314,16 @@ class JwksServer(_Server):
 
     `down()` stops listening (connection refused); `set_status(503)` keeps
     listening but fails; `hits` counts requests that reached it.
+
+    While down, the port stays bound by a socket that does not listen. A freed
+    port could be taken before `up()`: Envoy retrying the refused endpoint may
+    be given that very port as its ephemeral source and connect to itself
+    (TCP simultaneous open), which once failed CI with "Address already in use".
+    Linux never hands out an explicitly bound port as an ephemeral one.
     """
 
     def __init__(self, *keys: KeyPair, port: int = 0):
+        self._placeholder: socket.socket | None = None
         self.hits = 0
         self.paths: list[str] = []
         self.status = 200
@@ -341,10 +349,25 @@ class JwksServer(_Server):
             self.status = status
 
     def down(self) -> None:
+        if not self.running:
+            return
         self.stop()
+        hold = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server did
+        hold.bind(("127.0.0.1", self.port))
+        self._placeholder = hold
 
     def up(self) -> None:
+        hold, self._placeholder = self._placeholder, None
+        if hold is not None:
+            hold.close()
         self.start()
+
+    def stop(self) -> None:
+        super().stop()
+        hold, self._placeholder = self._placeholder, None
+        if hold is not None:
+            hold.close()
 
 
 @dataclass
