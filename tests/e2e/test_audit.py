@@ -76,6 +76,13 @@ def verify(cli: Path, log: Path, *args: str, env: dict | None = None) -> subproc
     )
 
 
+def assert_broken_at(res: subprocess.CompletedProcess, line: int, word: str = "") -> None:
+    """`audit verify` failed (exit 1) naming `line` (1-based), and `word` when given."""
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert f"line {line}:" in res.stderr, (line, res.stderr)
+    assert word in res.stderr, (word, res.stderr)
+
+
 def fingerprint(token: str) -> str:
     """README: first 16 hex digits of the token's SHA-256."""
     return hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -482,9 +489,7 @@ def test_verify_finds_an_edited_byte_and_names_its_line(mix, phi_guard_cli, tmp_
     assert record_of(edited) is not None  # still a well-formed record: only the chain can tell
     lines[index] = edited
     res = verify(phi_guard_cli, _copy(mix, tmp_path, "edited", lines))
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    assert f"line {index + 1}:" in res.stderr, (index + 1, res.stderr)
-    assert "edited" in res.stderr, res.stderr
+    assert_broken_at(res, index + 1, "edited")
 
 
 def test_verify_finds_a_deleted_line_and_names_where(mix, phi_guard_cli, tmp_path):
@@ -493,10 +498,8 @@ def test_verify_finds_a_deleted_line_and_names_where(mix, phi_guard_cli, tmp_pat
     index = next(i for i in _record_indexes(mix) if i >= len(lines) // 2 and i + 1 in _record_indexes(mix))
     del lines[index]
     res = verify(phi_guard_cli, _copy(mix, tmp_path, "deleted", lines))
-    assert res.returncode == 1, (res.stdout, res.stderr)
     # The record that now sits where the deleted one was is the first one out of its chain.
-    assert f"line {index + 1}:" in res.stderr, (index + 1, res.stderr)
-    assert "missing" in res.stderr, res.stderr
+    assert_broken_at(res, index + 1, "missing")
 
 
 def test_verify_finds_swapped_lines_and_names_where(mix, phi_guard_cli, tmp_path):
@@ -505,21 +508,20 @@ def test_verify_finds_swapped_lines_and_names_where(mix, phi_guard_cli, tmp_path
     index = next(i for i in records if i >= 5 and i + 1 in records)
     lines[index], lines[index + 1] = lines[index + 1], lines[index]
     res = verify(phi_guard_cli, _copy(mix, tmp_path, "swapped", lines))
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    assert f"line {index + 1}:" in res.stderr, (index + 1, res.stderr)
+    assert_broken_at(res, index + 1)
 
 
 def test_verify_rotated_log_needs_start_anywhere(mix, phi_guard_cli, tmp_path):
     path = _copy(mix, tmp_path, "rotated", mix.lines[2:])
     res = verify(phi_guard_cli, path)
-    assert res.returncode == 1 and "line 1:" in res.stderr, (res.stdout, res.stderr)
+    assert_broken_at(res, 1)
     res = verify(phi_guard_cli, path, "--start-anywhere")
     assert res.returncode == 0, (res.stdout, res.stderr)
 
 
 def test_verify_unkeyed_log_refuses_a_key(mix, phi_guard_cli):
     res = verify(phi_guard_cli, mix.envoy.access_log_path, "--key-env", KEY_ENV, env={KEY_ENV: "some-key"})
-    assert res.returncode == 1 and "line 1:" in res.stderr, (res.stdout, res.stderr)
+    assert_broken_at(res, 1)
 
 
 # --------------------------------------------------------------------------
@@ -602,10 +604,10 @@ def test_keyed_chain_verifies_only_with_the_key(envoy_factory, policy, keys, phi
     assert ok.returncode == 0, (ok.stdout, ok.stderr)
     assert "ok: 4 records" in ok.stdout, ok.stdout
     wrong = verify(phi_guard_cli, log, "--key-env", KEY_ENV, env={KEY_ENV: key_value + "x"})
-    assert wrong.returncode == 1 and "line 1:" in wrong.stderr, (wrong.stdout, wrong.stderr)
+    assert_broken_at(wrong, 1)
     # Without the key nobody can check (or forge) it as a plain SHA-256 chain.
     unkeyed = verify(phi_guard_cli, log)
-    assert unkeyed.returncode == 1 and "line 1:" in unkeyed.stderr, (unkeyed.stdout, unkeyed.stderr)
+    assert_broken_at(unkeyed, 1)
     # --key-env naming an unset variable is a usage error, not a verdict.
     unset = verify(phi_guard_cli, log, "--key-env", KEY_ENV)
     assert unset.returncode == 2, (unset.stdout, unset.stderr)
@@ -617,7 +619,7 @@ def test_keyed_chain_verifies_only_with_the_key(envoy_factory, policy, keys, phi
     copy_path = log.parent / "edited.log"
     copy_path.write_text("\n".join(edited) + "\n")
     bad = verify(phi_guard_cli, copy_path, "--key-env", KEY_ENV, env={KEY_ENV: key_value})
-    assert bad.returncode == 1 and "line 3:" in bad.stderr, (bad.stdout, bad.stderr)
+    assert_broken_at(bad, 3)
 
 
 # --------------------------------------------------------------------------
@@ -663,7 +665,7 @@ def test_two_workers_write_two_chains_that_verify(envoy_factory, policy, keys, p
     path.write_text("\n".join(damaged) + "\n")
     res = verify(phi_guard_cli, path)
     # The next record of that VM is the first out of its chain; in the cut file it sits one line up.
-    assert res.returncode == 1 and f"line {mine[2]}:" in res.stderr, (mine, res.stdout, res.stderr)
+    assert_broken_at(res, mine[2])
 
 
 # --------------------------------------------------------------------------
