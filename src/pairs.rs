@@ -53,6 +53,29 @@ impl<'a> Iterator for Pairs<'a> {
     }
 }
 
+/// Serialises pairs in the same format, for the host to read (a local
+/// answer's headers). A length over 4 GiB cannot occur (Envoy caps headers
+/// far below); it would be written as `u32::MAX` and refused by the host.
+pub fn encode<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let (count, data) = pairs.clone().fold((0usize, 0usize), |(c, d), (n, v)| {
+        (c + 1, d + n.len() + v.len() + 2)
+    });
+    let mut out = Vec::with_capacity(4 + 8 * count + data);
+    out.extend_from_slice(&len(count));
+    for (name, value) in pairs.clone() {
+        out.extend_from_slice(&len(name.len()));
+        out.extend_from_slice(&len(value.len()));
+    }
+    for (name, value) in pairs {
+        out.extend_from_slice(name);
+        out.push(0);
+        out.extend_from_slice(value);
+        out.push(0);
+    }
+    out
+}
+
 fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
     let bytes = buf.get(at..at.checked_add(4)?)?;
     Some(u32::from_le_bytes(<[u8; 4]>::try_from(bytes).ok()?))
@@ -62,27 +85,25 @@ fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
 mod tests {
     use super::*;
 
-    /// Serialises pairs as the host does.
-    fn encode<'a>(pairs: &[(&'a [u8], &'a [u8])]) -> Vec<u8> {
-        let data: usize = pairs.iter().map(|(n, v)| n.len() + v.len() + 2).sum();
-        let mut out = Vec::with_capacity(4 + 8 * pairs.len() + data);
-        out.extend_from_slice(&len_u32(pairs.len()).to_le_bytes());
-        for (name, value) in pairs {
-            out.extend_from_slice(&len_u32(name.len()).to_le_bytes());
-            out.extend_from_slice(&len_u32(value.len()).to_le_bytes());
-        }
-        for (name, value) in pairs {
-            out.extend_from_slice(name);
-            out.push(0);
-            out.extend_from_slice(value);
-            out.push(0);
-        }
-        out
+    fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        super::encode(pairs.iter().copied())
     }
 
-    /// Lengths in a header map are far below 4 GiB (Envoy caps headers at 8 MiB).
-    fn len_u32(n: usize) -> u32 {
-        u32::try_from(n).unwrap_or(u32::MAX)
+    /// The format byte by byte, as the proxy-wasm ABI spells it, so
+    /// `encode` and `iter` cannot agree on a mistake.
+    #[test]
+    fn encode_writes_the_abi_format() {
+        let got = encode(&[(b"ab", b"c"), (b"", b"")]);
+        let want: Vec<u8> = [
+            &2u32.to_le_bytes()[..],
+            &2u32.to_le_bytes(),
+            &1u32.to_le_bytes(),
+            &0u32.to_le_bytes(),
+            &0u32.to_le_bytes(),
+            b"ab\0c\0\0\0",
+        ]
+        .concat();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -4,7 +4,6 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
@@ -15,7 +14,7 @@ use crate::decision::{self, Request, Trace, Verdict};
 use crate::pairs;
 use crate::token::{self, VerifiedToken};
 
-use super::headers;
+use super::abi;
 use super::metrics;
 use super::worker::{now_ms, Waiter, Worker};
 
@@ -61,16 +60,16 @@ impl Context for Filter {}
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let Some(worker) = self.worker.clone() else {
-            let _ = hostcalls::send_http_response(
+            let _ = abi::send_response(
                 503,
-                vec![("content-type", "text/plain")],
-                Some(b"service unavailable\n"),
+                &[("content-type", "text/plain")],
+                b"service unavailable\n",
             );
             return Action::Pause;
         };
         let mut w = worker.borrow_mut();
         let mut p = self.pending.borrow_mut();
-        let headers = headers::request();
+        let headers = abi::header_pairs(MapType::HttpRequestHeaders).unwrap_or_default();
         let Pending {
             method,
             path,
@@ -128,7 +127,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+        let status = abi::header(MapType::HttpResponseHeaders, ":status")
             .ok()
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok());
@@ -142,7 +141,7 @@ impl HttpContext for Filter {
             return;
         }
         self.record_abandoned();
-        let status = hostcalls::get_property(vec!["response", "code"])
+        let status = abi::property(&["response", "code"])
             .ok()
             .flatten()
             .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
@@ -185,7 +184,7 @@ impl Filter {
         }
         p.sealed = true;
         let line = worker.borrow_mut().chain.seal(record);
-        let _ = hostcalls::set_property(vec![AUDIT_PROPERTY], Some(line.as_bytes()));
+        let _ = abi::set_property(&[AUDIT_PROPERTY], line.as_bytes());
     }
 }
 
@@ -210,7 +209,7 @@ pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, pending: &Rc<RefCell<Pending
     let (verdict, trace) = run(&mut w, &p, now, false);
     w.count_caches(trace, &verdict, p.waited);
     if apply(&mut w, &mut p, verdict, now) == Action::Continue {
-        let _ = hostcalls::resume_http_request();
+        let _ = abi::resume_request();
     }
     p.paused = false;
 }
@@ -252,7 +251,7 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
     if let Some(www) = answer.www_authenticate.as_deref() {
         headers.push(("www-authenticate", www));
     }
-    let _ = hostcalls::send_http_response(answer.status, headers, Some(answer.body.as_bytes()));
+    let _ = abi::send_response(answer.status, &headers, answer.body.as_bytes());
     if let Some(record) = p.record.as_mut() {
         record.status = u16::try_from(answer.status).unwrap_or(0);
     }
@@ -278,7 +277,10 @@ fn forward(
     token: Option<&VerifiedToken>,
 ) {
     let set = |name: &str, value: Option<&str>| {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+        let _ = match value {
+            Some(v) => abi::set_header(MapType::HttpRequestHeaders, name, v),
+            None => abi::remove_header(MapType::HttpRequestHeaders, name),
+        };
     };
     if p.spoofed {
         for (_, header) in &policy.claims_to_headers {
@@ -293,8 +295,8 @@ fn forward(
     }
 }
 
-fn property_string(path: Vec<&str>) -> Option<String> {
-    hostcalls::get_property(path)
+fn property_string(path: &[&str]) -> Option<String> {
+    abi::property(path)
         .ok()
         .flatten()
         .and_then(|b| String::from_utf8(b).ok())
@@ -354,8 +356,8 @@ fn draft(
             .unwrap_or_default(),
         acr: token.and_then(|t| t.acr.clone()),
         amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
-        source: property_string(vec!["source", "address"]),
-        tls: property_string(vec!["connection", "tls_version"]),
+        source: property_string(&["source", "address"]),
+        tls: property_string(&["connection", "tls_version"]),
         vm: String::new(),
         seq: 0,
         chain: String::new(),

@@ -2,8 +2,9 @@
 //! e.g. `wasmcustom.phi_guard.allowed`; every worker's VM defines the same
 //! names, so Envoy sums them.
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
+
+use super::abi;
 
 use crate::answer::Reason;
 
@@ -25,11 +26,11 @@ pub struct Metrics {
 }
 
 fn counter(name: &str) -> Option<u32> {
-    hostcalls::define_metric(MetricType::Counter, name).ok()
+    abi::define_metric(MetricType::Counter, name).ok()
 }
 
 fn gauge(name: &str) -> Option<u32> {
-    hostcalls::define_metric(MetricType::Gauge, name).ok()
+    abi::define_metric(MetricType::Gauge, name).ok()
 }
 
 impl Metrics {
@@ -77,13 +78,13 @@ impl Metrics {
 /// Adds one to a counter.
 pub fn bump(id: Option<u32>) {
     if let Some(id) = id {
-        let _ = hostcalls::increment_metric(id, 1);
+        let _ = abi::increment_metric(id, 1);
     }
 }
 
 /// Sets a gauge.
 pub fn set(id: Option<u32>, value: u64) {
     if let Some(id) = id {
-        let _ = hostcalls::record_metric(id, value);
+        let _ = abi::record_metric(id, value);
     }
 }

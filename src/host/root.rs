@@ -5,13 +5,13 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use proxy_wasm::types::{BufferType, ContextType};
 
 use crate::audit::AuditChain;
 use crate::config::Policy;
 
+use super::abi;
 use super::http::Filter;
 use super::worker::{self, now_ms, Worker};
 
@@ -51,7 +51,7 @@ impl Root {
             return;
         }
         worker::wake(worker, waiters, now);
-        let _ = hostcalls::set_effective_context(self.context_id);
+        let _ = abi::set_effective_context(self.context_id);
     }
 }
 
@@ -62,14 +62,14 @@ fn vm_id() -> String {
     const KEY: &str = "phi_guard.vm_counter";
     let start = now_ms();
     for _ in 0..16 {
-        let (value, cas) = hostcalls::get_shared_data(KEY).unwrap_or((None, None));
+        let (value, cas) = abi::shared_data(KEY).unwrap_or((None, None));
         let n = value
             .as_deref()
             .and_then(|b| std::str::from_utf8(b).ok())
             .and_then(|s| s.parse::<u64>().ok())
             .unwrap_or(0)
             + 1;
-        if hostcalls::set_shared_data(KEY, Some(n.to_string().as_bytes()), cas).is_ok() {
+        if abi::set_shared_data(KEY, n.to_string().as_bytes(), cas).is_ok() {
             return format!("{start:x}-{n}");
         }
     }
@@ -103,13 +103,22 @@ impl Context for Root {
             return;
         };
         worker::on_callout(&worker, token_id, body_size);
-        let _ = hostcalls::set_effective_context(self.context_id);
+        let _ = abi::set_effective_context(self.context_id);
     }
 }
 
 impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let doc = self.get_plugin_configuration().unwrap_or_default();
+    fn on_configure(&mut self, size: usize) -> bool {
+        let doc = match abi::buffer(BufferType::PluginConfiguration, 0, size) {
+            Ok(doc) => doc.unwrap_or_default(),
+            Err(e) => {
+                log::error!(
+                    "the plugin configuration could not be read (host status {})",
+                    e.0
+                );
+                return false;
+            }
+        };
         let policy = match Policy::from_json(&doc) {
             Ok(p) => Rc::new(p),
             Err(e) => {
@@ -130,7 +139,7 @@ impl RootContext for Root {
         // The first fetch happens on the first tick: during on_configure the
         // main thread's cluster manager may not be ready to take a callout.
         self.worker = Some(worker);
-        let _ = hostcalls::set_tick_period(TICK);
+        let _ = abi::set_tick_period(TICK);
         true
     }
 
@@ -143,7 +152,7 @@ impl RootContext for Root {
         let mut w = worker.borrow_mut();
         if w.kicked {
             w.kicked = false;
-            let _ = hostcalls::set_tick_period(TICK);
+            let _ = abi::set_tick_period(TICK);
         }
     }
 

@@ -10,8 +10,7 @@ use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::Bytes;
+use proxy_wasm::types::{BufferType, MapType};
 
 use crate::answer::Reason;
 use crate::audit::AuditChain;
@@ -20,6 +19,7 @@ use crate::decision::{self, Request, Trace, Verdict};
 use crate::jwks::{Availability, CacheClock, KeySet, MAX_JWKS_BYTES};
 use crate::token::TokenCache;
 
+use super::abi;
 use super::http::{self, Pending};
 use super::metrics::{self, Metrics};
 
@@ -76,10 +76,7 @@ pub struct Worker {
 
 /// Milliseconds since the Unix epoch, from the host clock.
 pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    abi::now_nanos().map_or(0, |ns| ns / 1_000_000)
 }
 
 fn secs(ms: u64) -> u64 {
@@ -194,7 +191,7 @@ impl Worker {
             s.fetch_wanted = Some(s.fetch_wanted == Some(true) || unknown_kid);
         }
         if !self.kicked {
-            self.kicked = hostcalls::set_tick_period(KICK).is_ok();
+            self.kicked = abi::set_tick_period(KICK).is_ok();
         }
         true
     }
@@ -209,7 +206,7 @@ impl Worker {
         let src = &p.jwks;
         let lease_key = shared_key("jwks_lease", &p.name);
         let lease_ms = src.timeout_ms.saturating_add(500);
-        let (lease, cas) = hostcalls::get_shared_data(&lease_key).unwrap_or((None, None));
+        let (lease, cas) = abi::shared_data(&lease_key).unwrap_or((None, None));
         let held_until = lease
             .as_deref()
             .and_then(|b| std::str::from_utf8(b).ok())
@@ -226,7 +223,7 @@ impl Worker {
             return true;
         }
         let until = now_ms.saturating_add(lease_ms).to_string();
-        if hostcalls::set_shared_data(&lease_key, Some(until.as_bytes()), cas).is_err() {
+        if abi::set_shared_data(&lease_key, until.as_bytes(), cas).is_err() {
             // Lost the race for the lease: someone else fetches.
             return true;
         }
@@ -238,8 +235,8 @@ impl Worker {
         ];
         let timeout = Duration::from_millis(src.timeout_ms);
         // Only root callbacks get here (see `root_context_id`); made sure of anyway.
-        let _ = hostcalls::set_effective_context(self.root_context_id);
-        match hostcalls::dispatch_http_call(&src.cluster, headers, None, vec![], timeout) {
+        let _ = abi::set_effective_context(self.root_context_id);
+        match abi::dispatch_http_call(&src.cluster, headers, timeout) {
             Ok(token) => {
                 state.clock.started(secs(now_ms), for_unknown_kid);
                 state.in_flight_until_ms = now_ms.saturating_add(lease_ms);
@@ -247,10 +244,15 @@ impl Worker {
                 true
             }
             Err(status) => {
-                log::warn!("JWKS fetch for provider {} could not be dispatched through cluster {}: {status:?}", p.name, src.cluster);
+                log::warn!(
+                    "JWKS fetch for provider {} could not be dispatched through cluster {} (host status {})",
+                    p.name,
+                    src.cluster,
+                    status.0
+                );
                 state.clock.started(secs(now_ms), for_unknown_kid);
                 state.clock.finished(None);
-                let _ = hostcalls::set_shared_data(&lease_key, Some(b"0"), None);
+                let _ = abi::set_shared_data(&lease_key, b"0", None);
                 metrics::bump(self.metrics.jwks_fetch_failed);
                 false
             }
@@ -269,36 +271,11 @@ impl Worker {
         let (_, provider) = self.callouts.swap_remove(at);
         let policy = Rc::clone(&self.policy);
         let p = policy.providers.get(provider)?;
-        // Bytes: the SDK's String version panics on a value that is not UTF-8.
-        let status = hostcalls::get_map_value_bytes(
-            proxy_wasm::types::MapType::HttpCallResponseHeaders,
-            ":status",
-        )
-        .ok()
-        .flatten();
-        let doc: Result<(Bytes, KeySet), String> = match status.as_deref() {
-            Some(b"200") if body_size > MAX_JWKS_BYTES => {
-                Err(format!("JWKS of {body_size} bytes is too large"))
-            }
-            Some(b"200") => {
-                let body = hostcalls::get_buffer(
-                    proxy_wasm::types::BufferType::HttpCallResponseBody,
-                    0,
-                    body_size,
-                )
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-                KeySet::parse(&body, &p.algorithms)
-                    .map(|k| (body, k))
-                    .map_err(|e| e.to_string())
-            }
-            Some(other) => Err(format!(
-                "JWKS endpoint answered HTTP {}",
-                String::from_utf8_lossy(other)
-            )),
-            None => Err("JWKS fetch failed or timed out".to_string()),
-        };
+        let doc = read_callout(body_size, MAX_JWKS_BYTES).and_then(|body| {
+            KeySet::parse(&body, &p.algorithms)
+                .map(|k| (body, k))
+                .map_err(|e| e.to_string())
+        });
         let lease_key = shared_key("jwks_lease", &p.name);
         match doc {
             Ok((body, keys)) => {
@@ -313,10 +290,8 @@ impl Worker {
                 shared.push(b'\n');
                 shared.extend_from_slice(&body);
                 let key = shared_key("jwks", &p.name);
-                let _ = hostcalls::set_shared_data(&key, Some(&shared), None);
-                let cas = hostcalls::get_shared_data(&key)
-                    .ok()
-                    .and_then(|(_, cas)| cas);
+                let _ = abi::set_shared_data(&key, &shared, None);
+                let cas = abi::shared_data(&key).ok().and_then(|(_, cas)| cas);
                 self.install(provider, keys, &body, fetched_at, cas);
                 metrics::bump(self.metrics.jwks_fetch_ok);
             }
@@ -332,7 +307,7 @@ impl Worker {
             }
         }
         // Released after publishing, so no VM starts a fetch the result already answers.
-        let _ = hostcalls::set_shared_data(&lease_key, Some(b"0"), None);
+        let _ = abi::set_shared_data(&lease_key, b"0", None);
         Some(provider)
     }
 
@@ -366,8 +341,7 @@ impl Worker {
         let Some(p) = policy.providers.get(provider) else {
             return false;
         };
-        let Ok((Some(value), cas)) = hostcalls::get_shared_data(&shared_key("jwks", &p.name))
-        else {
+        let Ok((Some(value), cas)) = abi::shared_data(&shared_key("jwks", &p.name)) else {
             return false;
         };
         if cas.is_some()
@@ -489,6 +463,54 @@ impl Worker {
     }
 }
 
+/// The body of the callout being answered, if it is a 200 of at most `max`
+/// bytes; otherwise why not, for the log. Every read returns an error rather
+/// than panicking: a callout that failed (reset, body over Envoy's buffer
+/// limit, timeout) has no response headers, and the host says so with a
+/// status the SDK's readers abort the VM on.
+fn read_callout(body_size: usize, max: usize) -> Result<Vec<u8>, String> {
+    let status = match abi::header(MapType::HttpCallResponseHeaders, ":status") {
+        Ok(Some(status)) => status,
+        Ok(None) | Err(_) => {
+            // Envoy's reason, e.g. "reset" (also for a body over its buffer limit).
+            let why = abi::last_status()
+                .ok()
+                .map(|(_, m)| printable(&m))
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "no response".to_string());
+            return Err(format!("fetch failed: {why}"));
+        }
+    };
+    if status != b"200" {
+        // A redirect is not followed: the configured URI is the one trusted.
+        return Err(format!("endpoint answered HTTP {}", printable(&status)));
+    }
+    if body_size > max {
+        return Err(format!(
+            "document of {body_size} bytes is over the {max}-byte limit"
+        ));
+    }
+    match abi::buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+        Ok(Some(body)) if body.len() <= max => Ok(body),
+        Ok(Some(body)) => Err(format!(
+            "document of {} bytes is over the {max}-byte limit",
+            body.len()
+        )),
+        Ok(None) => Ok(Vec::new()),
+        Err(e) => Err(format!("body could not be read (host status {})", e.0)),
+    }
+}
+
+/// At most 64 characters of host-supplied text, control characters replaced:
+/// it goes into Envoy's log.
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// A callout answered (in the root context, which dispatched it): take the keys,
 /// then decide the requests that waited for them.
 pub fn on_callout(worker: &Rc<RefCell<Worker>>, token: u32, body_size: usize) {
@@ -506,7 +528,7 @@ pub fn wake(worker: &Rc<RefCell<Worker>>, waiters: Vec<Waiter>, now_ms: u64) {
         let Some(pending) = w.pending.upgrade() else {
             continue;
         };
-        if hostcalls::set_effective_context(w.context_id).is_err() {
+        if abi::set_effective_context(w.context_id).is_err() {
             continue;
         }
         http::finish_waiting(worker, &pending, now_ms);

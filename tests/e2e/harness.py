@@ -17,6 +17,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -370,6 +371,155 @@ class JwksServer(_Server):
             hold.close()
 
 
+class MisbehavingJwks:
+    """A JWKS endpoint on a raw socket, for the ways an IdP can fail mid-answer.
+
+    `mode` picks the next answers: "ok" (the keys), "huge" (50 MB of JSON),
+    "empty" (200, no body), "truncated" (half the body, then close),
+    "reset" (half the body, then a TCP reset), "html" (200 text/html error
+    page), "redirect" (302 to `/moved`, which would serve the keys), "drip"
+    (the keys one byte a second). `down()`/`up()` refuse connections and take
+    them again, keeping the port bound as JwksServer does. `hits` counts
+    requests per path.
+    """
+
+    MODES = ("huge", "empty", "truncated", "reset", "html", "redirect", "drip")
+
+    def __init__(self, *keys: KeyPair):
+        self.document = json.dumps(jwks(*keys)).encode()
+        self.mode = "ok"
+        self.hits: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._listening = False
+        self._closed = False
+        self.up()
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def hits_on(self, path: str) -> int:
+        with self.lock:
+            return self.hits.get(path, 0)
+
+    def down(self) -> None:
+        """Refuse connections: a bound socket that does not listen answers SYN with RST."""
+        with self.lock:
+            if not self._listening:
+                return
+            self._listening = False
+            self._sock.close()
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # The accept loop's poll holds the old socket for up to 0.1 s.
+            deadline = time.monotonic() + 2
+            while True:
+                try:
+                    self._sock.bind(("127.0.0.1", self.port))
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+
+    def up(self) -> None:
+        with self.lock:
+            if not self._listening:
+                self._sock.listen(64)
+                self._sock.settimeout(0.1)
+                self._listening = True
+
+    def stop(self) -> None:
+        self._closed = True
+        with self.lock:
+            self._listening = False
+            self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            with self.lock:
+                sock, listening = self._sock, self._listening
+            if not listening:
+                time.sleep(0.02)
+                continue
+            try:
+                conn, _ = sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(30)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            path = request.split(b" ", 2)[1].decode("latin-1")
+            with self.lock:
+                self.hits[path] = self.hits.get(path, 0) + 1
+                mode = self.mode
+            if path == "/moved":
+                mode = "ok"
+            self._answer(conn, mode)
+        except OSError:
+            pass  # Envoy gave up on us (timeout, buffer limit): what the test wants
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _head(status: str, content_type: str, length: int, extra: str = "") -> bytes:
+        return (
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {length}\r\n{extra}Connection: close\r\n\r\n"
+        ).encode()
+
+    def _answer(self, conn: socket.socket, mode: str) -> None:
+        doc = self.document
+        if mode == "ok":
+            conn.sendall(self._head("200 OK", "application/json", len(doc)) + doc)
+        elif mode == "huge":
+            size = 50 * 1024 * 1024
+            prefix, suffix = b'{"keys": [], "padding": "', b'"}'
+            conn.sendall(self._head("200 OK", "application/json", size))
+            conn.sendall(prefix)
+            chunk, left = b"x" * 65536, size - len(prefix) - len(suffix)
+            while left > 0:
+                conn.sendall(chunk[: min(left, len(chunk))])
+                left -= len(chunk)
+            conn.sendall(suffix)
+        elif mode == "empty":
+            conn.sendall(self._head("200 OK", "application/json", 0))
+        elif mode in ("truncated", "reset"):
+            conn.sendall(self._head("200 OK", "application/json", len(doc)) + doc[: len(doc) // 2])
+            time.sleep(0.2)
+            if mode == "reset":
+                # SO_LINGER with a zero timeout: close() sends RST, not FIN.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif mode == "html":
+            page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+            conn.sendall(self._head("200 OK", "text/html", len(page)) + page)
+        elif mode == "redirect":
+            extra = f"Location: http://127.0.0.1:{self.port}/moved\r\n"
+            conn.sendall(self._head("302 Found", "text/plain", 0, extra))
+        elif mode == "drip":
+            conn.sendall(self._head("200 OK", "application/json", len(doc)))
+            for byte in doc:
+                conn.sendall(bytes([byte]))
+                time.sleep(1)
+        else:
+            raise ValueError(f"unknown mode {mode}")
+
+
 @dataclass
 class SeenRequest:
     method: str
@@ -638,6 +788,16 @@ class Envoy:
 
     def admin(self, path: str) -> Response:
         return http_request(self.admin_port, "GET", path)
+
+    def phi_stats(self) -> dict[str, int]:
+        """wasmcustom.phi_guard.* from /stats, as {"allowed": n, "jwks_fetch.failed": n, ...}."""
+        text = self.admin("/stats?filter=%5Ewasmcustom%5C.phi_guard%5C.").text
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name.removeprefix("wasmcustom.phi_guard.")] = int(value)
+        return out
 
     def log_text(self) -> str:
         try:

@@ -1,0 +1,128 @@
+"""Callouts that go wrong (issue #12): the VM must live through every answer.
+
+A JWKS endpoint that answers 50 MB, nothing, half a body, a reset, an HTML
+page, a redirect or one byte a second, or that flaps up and down, must
+never take the filter down. Each case is checked at start (no keys yet:
+protected rules 503, public rules 200, recovery once the endpoint behaves)
+and on a refresh (the last good keys keep serving). `jwks_fetch.failed`
+rising proves the bad answer really reached the filter.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from harness import Envoy, MisbehavingJwks, eventually, mint, shipped_policy
+
+PROTECTED = "/fhir/Patient/7"
+PUBLIC = "/healthz"
+
+
+@pytest.fixture
+def idp(keys):
+    with MisbehavingJwks(*keys.values()) as server:
+        yield server
+
+
+def make_envoy(tmp_path, upstream, idp, keys, **jwks) -> Envoy:
+    policy = Envoy.point_jwks(shipped_policy(), idp.port)
+    policy["providers"][0]["algorithms"] = list(keys)
+    policy["providers"][0]["jwks"].update({"timeout_ms": 1000, "retry_seconds": 1, **jwks})
+    envoy = Envoy(tmp_path / "envoy", upstream.port, idp.port, policy)
+    return envoy.start()
+
+
+def failed_fetches(envoy: Envoy) -> int:
+    return envoy.phi_stats().get("jwks_fetch.failed", 0)
+
+
+def assert_vm_alive(envoy: Envoy) -> None:
+    """Public rule served, nothing aborted in the VM."""
+    resp = envoy.get(PUBLIC)
+    assert resp.status == 200, (resp.status, resp.text, envoy.log_tail())
+    log = envoy.log_text()
+    for sign in ("panicked", "unexpected status", "Uncaught RuntimeError", "wasm_fail_stream"):
+        assert sign not in log, f"{sign!r} in Envoy's log:\n{envoy.log_tail()}"
+
+
+@pytest.fixture
+def stopped(request):
+    """Envoys to stop at teardown, pass or fail."""
+    made: list[Envoy] = []
+    yield made
+    for envoy in made:
+        envoy.stop()
+
+
+@pytest.mark.parametrize("mode", MisbehavingJwks.MODES)
+def test_bad_answer_at_start_is_503_and_the_vm_lives(tmp_path, upstream, idp, keys, stopped, mode):
+    idp.mode = mode
+    envoy = make_envoy(tmp_path, upstream, idp, keys)
+    stopped.append(envoy)
+    token = mint(keys["RS256"])
+    resp = envoy.get(PROTECTED, token=token)
+    assert resp.status == 503, (resp.status, resp.text)
+    assert upstream.requests == []
+    assert eventually(lambda: failed_fetches(envoy) >= 1, timeout=15), envoy.phi_stats()
+    assert_vm_alive(envoy)
+    if mode == "redirect":
+        assert idp.hits_on("/moved") == 0, "the redirect was followed"
+
+    idp.mode = "ok"
+    assert eventually(lambda: envoy.get(PROTECTED, token=token).status == 200, timeout=15), envoy.log_tail()
+    assert_vm_alive(envoy)
+
+
+@pytest.mark.parametrize("mode", MisbehavingJwks.MODES)
+def test_bad_answer_on_refresh_keeps_the_last_good_keys(tmp_path, upstream, idp, keys, stopped, mode):
+    envoy = make_envoy(tmp_path, upstream, idp, keys, cache_seconds=1)
+    stopped.append(envoy)
+    token = mint(keys["ES256"])
+    assert eventually(lambda: envoy.get(PROTECTED, token=token).status == 200, timeout=10), envoy.log_tail()
+
+    before = failed_fetches(envoy)
+    idp.mode = mode
+    # Two failed refreshes: the filter went on fetching after the first.
+    assert eventually(lambda: failed_fetches(envoy) >= before + 2, timeout=20), envoy.phi_stats()
+    # A fresh token, so the verified-token cache does not answer for the keys.
+    resp = envoy.get(PROTECTED, token=mint(keys["ES256"]))
+    assert resp.status == 200, (resp.status, resp.text, envoy.log_tail())
+    assert_vm_alive(envoy)
+
+
+def test_flapping_endpoint_never_takes_the_filter_down(tmp_path, upstream, idp, keys, stopped):
+    idp.down()
+    envoy = make_envoy(tmp_path, upstream, idp, keys, cache_seconds=1)
+    stopped.append(envoy)
+    stop = threading.Event()
+
+    def flap():
+        while not stop.is_set():
+            idp.up()
+            time.sleep(0.3)
+            idp.down()
+            time.sleep(0.3)
+
+    flapper = threading.Thread(target=flap, daemon=True)
+    flapper.start()
+    try:
+        seen = []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            seen.append(envoy.get(PROTECTED, token=mint(keys["RS256"])).status)
+            assert envoy.get(PUBLIC).status == 200
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        flapper.join(timeout=5)
+    idp.up()
+    # Before the first good fetch: 503; after it, the keys serve through every outage.
+    assert 200 in seen, f"never recovered while flapping:\n{envoy.log_tail()}"
+    first = seen.index(200)
+    assert set(seen[:first]) <= {503} and set(seen[first:]) == {200}, seen
+    assert eventually(lambda: envoy.get(PROTECTED, token=mint(keys["RS256"])).status == 200, timeout=10)
+    assert failed_fetches(envoy) >= 1 and envoy.phi_stats().get("jwks_fetch.ok", 0) >= 1, envoy.phi_stats()
+    assert_vm_alive(envoy)
