@@ -47,6 +47,9 @@ pub enum Reason {
     InsufficientScope,
     StepUpRequired(StepUpFailure),
     Revoked,
+    /// The source used up its budget of failed signature checks this second;
+    /// the token was refused without one.
+    VerificationRateLimited,
     KeysUnavailable,
     /// The client went away while its request waited for keys; nothing was
     /// forwarded and no answer was sent.
@@ -78,13 +81,14 @@ impl Reason {
             Reason::InsufficientScope => "insufficient_scope",
             Reason::StepUpRequired(_) => "step_up_required",
             Reason::Revoked => "revoked",
+            Reason::VerificationRateLimited => "verification_rate_limited",
             Reason::KeysUnavailable => "keys_unavailable",
             Reason::ClientClosed => "client_closed",
         }
     }
 
     /// Every reason, for stats registration and tests.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::Ok,
         Reason::BadPath,
         Reason::NoRule,
@@ -108,6 +112,7 @@ impl Reason {
         Reason::StepUpRequired(StepUpFailure::Amr),
         Reason::StepUpRequired(StepUpFailure::Age),
         Reason::Revoked,
+        Reason::VerificationRateLimited,
         Reason::KeysUnavailable,
         Reason::ClientClosed,
     ];
@@ -182,7 +187,8 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
         | Reason::UnknownKey
         | Reason::InvalidSignature
         | Reason::TokenTooOld
-        | Reason::Revoked => (
+        | Reason::Revoked
+        | Reason::VerificationRateLimited => (
             401,
             Some("Bearer error=\"invalid_token\"".to_string()),
             "invalid token\n",

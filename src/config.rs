@@ -53,6 +53,8 @@ struct RawConfig {
     deny_wildcard_scopes: bool,
     #[serde(default = "defaults::token_cache")]
     verified_token_cache_size: usize,
+    #[serde(default = "defaults::verification_budget")]
+    verification_budget: u32,
     #[serde(default = "defaults::realm")]
     realm: String,
     #[serde(default)]
@@ -157,6 +159,9 @@ mod defaults {
     pub fn token_cache() -> usize {
         10_000
     }
+    pub fn verification_budget() -> u32 {
+        20
+    }
     pub fn realm() -> String {
         "phi-guard".into()
     }
@@ -197,6 +202,8 @@ pub struct Policy {
     pub forward_token: bool,
     pub deny_wildcard_scopes: bool,
     pub verified_token_cache_size: usize,
+    /// Failed signature checks allowed per source per second (0: no limit).
+    pub verification_budget: u32,
     pub realm: String,
     pub rules: Vec<Rule>,
     /// What to forward upstream on allow, as (what, header name).
@@ -308,6 +315,8 @@ impl Rule {
 const MAX_SKEW: u64 = 300;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_TOKEN_CACHE: usize = 1_000_000;
+/// More failures a second than a worker can check at all would bound nothing.
+const MAX_VERIFICATION_BUDGET: u32 = 100_000;
 
 impl Policy {
     /// Parses and validates the filter configuration document.
@@ -347,6 +356,12 @@ impl Policy {
             return Err(err(
                 "verified_token_cache_size",
                 format!("at most {MAX_TOKEN_CACHE}"),
+            ));
+        }
+        if raw.verification_budget > MAX_VERIFICATION_BUDGET {
+            return Err(err(
+                "verification_budget",
+                format!("at most {MAX_VERIFICATION_BUDGET} (0 turns it off)"),
             ));
         }
         if raw.realm.is_empty() || !raw.realm.chars().all(is_quoted_string_safe) {
@@ -450,6 +465,7 @@ impl Policy {
             forward_token: raw.forward_token,
             deny_wildcard_scopes: raw.deny_wildcard_scopes,
             verified_token_cache_size: raw.verified_token_cache_size,
+            verification_budget: raw.verification_budget,
             realm: raw.realm,
             rules,
         })
@@ -845,6 +861,23 @@ mod tests {
         let e = load(&doc).unwrap_err();
         assert!(e.problem.contains("scope"), "{e}");
         assert!(Policy::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn verification_budget_defaults_to_20_and_is_bounded() {
+        assert_eq!(load(&base()).unwrap().verification_budget, 20);
+        let with = |v: Value| {
+            let mut doc = base();
+            doc["verification_budget"] = v;
+            load(&doc)
+        };
+        assert_eq!(with(json!(0)).unwrap().verification_budget, 0);
+        assert_eq!(with(json!(100_000)).unwrap().verification_budget, 100_000);
+        let e = with(json!(100_001)).unwrap_err();
+        assert_eq!(e.field, "verification_budget", "{e}");
+        for bad in [json!(-1), json!(1.5), json!("20"), json!(null)] {
+            assert!(with(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::rc::Rc;
 
 use crate::answer::{Challenge, Reason, StepUpFailure};
+use crate::budget::VerificationBudget;
 use crate::config::{ForwardedClaim, Policy, Rule, StepUp};
 use crate::jwks::KeySet;
 use crate::rules::{query_has_access_token, scopes_satisfied, SafePath};
@@ -17,6 +18,8 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// Every `Authorization` header value.
     pub authorization: &'a [&'a str],
+    /// The downstream address (Envoy's `source.address`), for the verification budget.
+    pub source: Option<&'a str>,
 }
 
 /// The outcome of [`decide`].
@@ -48,10 +51,13 @@ pub struct Trace {
 ///
 /// `keys(provider)` gives usable keys. With `may_wait`, missing keys or an
 /// unknown `kid` yield [`Verdict::Wait`]; without, they are final (503 or 401).
+/// A token not in `cache` is checked within the source's `budget`.
+#[allow(clippy::too_many_arguments)] // Each is one of the worker's own facts.
 pub fn decide<'k>(
     policy: &Policy,
     keys: &dyn Fn(usize) -> Option<&'k KeySet>,
     cache: &mut TokenCache,
+    budget: &mut VerificationBudget,
     req: &Request<'_>,
     now: i64,
     may_wait: bool,
@@ -102,13 +108,19 @@ pub fn decide<'k>(
         }
         None => {
             trace.token_cache_hit = Some(false);
-            match token::verify(policy, keys, raw, now) {
+            let budget_left = !budget.exhausted(req.source, now);
+            match token::verify_within_budget(policy, keys, raw, now, budget_left) {
                 Ok(v) => {
                     let v = Rc::new(v);
                     cache.insert(raw, Rc::clone(&v));
                     v
                 }
-                Err(Unverified::Refused(reason)) => return deny(reason, Some(index), None),
+                Err(Unverified::Refused(reason)) => {
+                    if reason == Reason::InvalidSignature {
+                        budget.charge(req.source, now);
+                    }
+                    return deny(reason, Some(index), None);
+                }
                 Err(Unverified::NoKeys { provider }) if may_wait => {
                     return Verdict::Wait {
                         provider,
@@ -249,11 +261,13 @@ mod tests {
             method: c.method,
             path: c.path,
             authorization: &auth,
+            source: None,
         };
         decide(
             policy,
             &|_| Some(&kit.keys),
             &mut TokenCache::new(0),
+            &mut VerificationBudget::new(0),
             &req,
             now,
             true,
@@ -568,6 +582,107 @@ mod tests {
         );
     }
 
+    /// A source's failed signatures use up its budget; then its uncached
+    /// tokens, good ones too, are refused unchecked, while cached tokens,
+    /// other sources, cheaper refusals and the next second are unaffected.
+    #[test]
+    fn verification_budget_per_source() {
+        let kit = Kit::new();
+        let policy = kit.policy(&rules());
+        let mut cache = TokenCache::new(100);
+        let mut budget = VerificationBudget::new(3);
+        let keys = |_: usize| Some(&kit.keys);
+        let mut ask = |token: &str, source: &str, now: i64| {
+            let auth = format!("Bearer {token}");
+            let auth = [auth.as_str()];
+            let req = Request {
+                method: "GET",
+                path: "/fhir/Patient/1",
+                authorization: &auth,
+                source: Some(source),
+            };
+            let v = decide(
+                &policy,
+                &keys,
+                &mut cache,
+                &mut budget,
+                &req,
+                now,
+                false,
+                &mut Trace::default(),
+            );
+            reason(&v)
+        };
+        let good = |n: u64| {
+            let mut c = kit.claims();
+            c["jti"] = format!("good-{n}").into();
+            kit.es256.sign(&c, &[])
+        };
+        let forged = |n: u64| {
+            let mut c = kit.claims();
+            c["jti"] = format!("forged-{n}").into();
+            let t = kit.es256.sign(&c, &[]);
+            let (signed, _) = t.rsplit_once('.').unwrap();
+            let other = Signer::es256(&kit.es256.kid, 9).sign(&c, &[]);
+            format!("{signed}.{}", other.rsplit_once('.').unwrap().1)
+        };
+        let (a, b) = ("203.0.113.7:4000", "198.51.100.2:4000");
+        let cached = good(0);
+        assert_eq!(ask(&cached, a, NOW), Some(Reason::Ok));
+        for n in 0..3 {
+            assert_eq!(ask(&forged(n), a, NOW), Some(Reason::InvalidSignature));
+        }
+        assert_eq!(
+            ask(&forged(3), a, NOW),
+            Some(Reason::VerificationRateLimited)
+        );
+        // Refused unchecked, however good.
+        assert_eq!(ask(&good(1), a, NOW), Some(Reason::VerificationRateLimited));
+        // Another port of the same address is the same source.
+        assert_eq!(
+            ask(&good(1), "203.0.113.7:9", NOW),
+            Some(Reason::VerificationRateLimited)
+        );
+        // Cached tokens need no check; cheaper refusals keep their reason.
+        assert_eq!(ask(&cached, a, NOW), Some(Reason::Ok));
+        let mut wrong_aud = kit.claims();
+        wrong_aud["aud"] = "https://elsewhere.example".into();
+        assert_eq!(
+            ask(&kit.es256.sign(&wrong_aud, &[]), a, NOW),
+            Some(Reason::WrongAudience)
+        );
+        // Other sources are not held to a's budget.
+        assert_eq!(ask(&good(2), b, NOW), Some(Reason::Ok));
+        assert_eq!(ask(&forged(4), b, NOW), Some(Reason::InvalidSignature));
+        // The next second, a starts afresh.
+        assert_eq!(ask(&good(1), a, NOW + 1), Some(Reason::Ok));
+        assert_eq!(ask(&forged(5), a, NOW + 1), Some(Reason::InvalidSignature));
+
+        // Off: forged tokens are all checked, and all fail as forged.
+        let mut off = VerificationBudget::new(0);
+        for n in 10..60 {
+            let auth = format!("Bearer {}", forged(n));
+            let auth = [auth.as_str()];
+            let req = Request {
+                method: "GET",
+                path: "/fhir/Patient/1",
+                authorization: &auth,
+                source: Some(a),
+            };
+            let v = decide(
+                &policy,
+                &keys,
+                &mut TokenCache::new(0),
+                &mut off,
+                &req,
+                NOW,
+                false,
+                &mut Trace::default(),
+            );
+            assert_eq!(reason(&v), Some(Reason::InvalidSignature));
+        }
+    }
+
     #[test]
     fn waiting_and_cache() {
         let kit = Kit::new();
@@ -578,23 +693,49 @@ mod tests {
             method: "GET",
             path: "/fhir/Patient/1",
             authorization: &auth,
+            source: None,
         };
         let mut cache = TokenCache::new(10);
         let mut trace = Trace::default();
         let no_keys = |_: usize| None;
         assert!(matches!(
-            decide(&policy, &no_keys, &mut cache, &req, NOW, true, &mut trace),
+            decide(
+                &policy,
+                &no_keys,
+                &mut cache,
+                &mut VerificationBudget::new(0),
+                &req,
+                NOW,
+                true,
+                &mut trace
+            ),
             Verdict::Wait {
                 provider: 0,
                 unknown_kid: false
             }
         ));
-        let v = decide(&policy, &no_keys, &mut cache, &req, NOW, false, &mut trace);
+        let v = decide(
+            &policy,
+            &no_keys,
+            &mut cache,
+            &mut VerificationBudget::new(0),
+            &req,
+            NOW,
+            false,
+            &mut trace,
+        );
         assert_eq!(reason(&v), Some(Reason::KeysUnavailable));
         let keys = |_: usize| Some(&kit.keys);
         assert_eq!(
             reason(&decide(
-                &policy, &keys, &mut cache, &req, NOW, true, &mut trace
+                &policy,
+                &keys,
+                &mut cache,
+                &mut VerificationBudget::new(0),
+                &req,
+                NOW,
+                true,
+                &mut trace
             )),
             Some(Reason::Ok)
         );
@@ -602,7 +743,14 @@ mod tests {
         // A hit needs no keys, and still ages.
         assert_eq!(
             reason(&decide(
-                &policy, &no_keys, &mut cache, &req, NOW, true, &mut trace
+                &policy,
+                &no_keys,
+                &mut cache,
+                &mut VerificationBudget::new(0),
+                &req,
+                NOW,
+                true,
+                &mut trace
             )),
             Some(Reason::Ok)
         );
@@ -612,6 +760,7 @@ mod tests {
                 &policy,
                 &keys,
                 &mut cache,
+                &mut VerificationBudget::new(0),
                 &req,
                 NOW + 661,
                 true,
@@ -630,7 +779,16 @@ mod tests {
             ..req
         };
         assert!(matches!(
-            decide(&policy, &keys, &mut cache, &req, NOW, true, &mut trace),
+            decide(
+                &policy,
+                &keys,
+                &mut cache,
+                &mut VerificationBudget::new(0),
+                &req,
+                NOW,
+                true,
+                &mut trace
+            ),
             Verdict::Wait {
                 provider: 0,
                 unknown_kid: true
@@ -638,7 +796,14 @@ mod tests {
         ));
         assert_eq!(
             reason(&decide(
-                &policy, &keys, &mut cache, &req, NOW, false, &mut trace
+                &policy,
+                &keys,
+                &mut cache,
+                &mut VerificationBudget::new(0),
+                &req,
+                NOW,
+                false,
+                &mut trace
             )),
             Some(Reason::UnknownKey)
         );
@@ -715,11 +880,13 @@ mod hostile {
             method,
             path,
             authorization: auth,
+            source: None,
         };
         decide(
             &f.policy,
             &|_| Some(&f.kit.keys),
             &mut TokenCache::new(0),
+            &mut VerificationBudget::new(0),
             &req,
             NOW,
             false,

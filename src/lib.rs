@@ -7,6 +7,7 @@
 
 pub mod answer;
 pub mod audit;
+pub mod budget;
 pub mod config;
 pub mod crypto;
 pub mod decision;

@@ -160,6 +160,19 @@ pub fn verify<'k>(
     token: &str,
     now: i64,
 ) -> Result<VerifiedToken, Unverified> {
+    verify_within_budget(policy, keys, token, now, true)
+}
+
+/// [`verify`], except that a token that gets as far as its signature is
+/// refused with `VerificationRateLimited`, unchecked, when `budget_left` is
+/// false: every cheaper check still runs and keeps its precise reason.
+pub fn verify_within_budget<'k>(
+    policy: &Policy,
+    keys: &dyn Fn(usize) -> Option<&'k KeySet>,
+    token: &str,
+    now: i64,
+    budget_left: bool,
+) -> Result<VerifiedToken, Unverified> {
     let untrusted: UntrustedToken<'_, HeaderExt> =
         UntrustedToken::try_from(token).map_err(|_| Reason::Malformed)?;
     let header = untrusted.header();
@@ -206,6 +219,9 @@ pub fn verify<'k>(
             KeyMiss::UnknownKid => Unverified::Refused(Reason::UnknownKey),
             KeyMiss::AlgMismatch => Unverified::Refused(Reason::AlgNotAllowed),
         })?;
+    if !budget_left {
+        return Err(Reason::VerificationRateLimited.into());
+    }
     let signed = token.rsplit_once('.').map_or("", |(signed, _)| signed);
     let signature = untrusted.signature_bytes();
     if !candidates

@@ -30,6 +30,8 @@ pub struct Pending {
     path: String,
     authorization: Vec<String>,
     request_id: Option<String>,
+    /// Envoy's `source.address`: the verification budget's key and the record's `source`.
+    source: Option<String>,
     record: Option<AuditRecord>,
     sealed: bool,
     paused: bool,
@@ -90,6 +92,7 @@ impl HttpContext for Filter {
                 other => *spoofed |= is_identity_header(&w.policy, other),
             }
         }
+        p.source = property_string(&["source", "address"]);
         let now = now_ms();
         let (mut verdict, mut trace) = run(&mut w, &p, now, true);
         if let Verdict::Wait { provider, .. } = verdict {
@@ -194,6 +197,7 @@ fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> (Verdict, Trace
         method: &p.method,
         path: &p.path,
         authorization: &auth,
+        source: p.source.as_deref(),
     };
     w.decide(&req, now, may_wait)
 }
@@ -356,7 +360,7 @@ fn draft(
             .unwrap_or_default(),
         acr: token.and_then(|t| t.acr.clone()),
         amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
-        source: property_string(&["source", "address"]),
+        source: p.source.clone(),
         tls: property_string(&["connection", "tls_version"]),
         vm: String::new(),
         seq: 0,

@@ -14,6 +14,7 @@ use proxy_wasm::types::{BufferType, MapType};
 
 use crate::answer::Reason;
 use crate::audit::AuditChain;
+use crate::budget::VerificationBudget;
 use crate::config::Policy;
 use crate::decision::{self, Request, Trace, Verdict};
 use crate::jwks::{Availability, CacheClock, KeySet, MAX_JWKS_BYTES};
@@ -56,6 +57,8 @@ pub struct Worker {
     pub policy: Rc<Policy>,
     pub providers: Vec<ProviderKeys>,
     pub cache: TokenCache,
+    /// Failed signature checks per source, this worker's.
+    budget: VerificationBudget,
     pub waiters: Vec<Waiter>,
     /// Callout token -> provider.
     callouts: Vec<(u32, usize)>,
@@ -96,6 +99,7 @@ impl Worker {
             .collect();
         Worker {
             cache: TokenCache::new(policy.verified_token_cache_size),
+            budget: VerificationBudget::new(policy.verification_budget),
             policy,
             providers,
             waiters: Vec::new(),
@@ -130,6 +134,7 @@ impl Worker {
             &policy,
             &keys,
             &mut self.cache,
+            &mut self.budget,
             req,
             now_i,
             may_wait,
