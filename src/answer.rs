@@ -51,6 +51,9 @@ pub enum Reason {
     /// the token was refused without one.
     VerificationRateLimited,
     KeysUnavailable,
+    /// A sensitive rule, and no revocation list in force (unreachable past
+    /// `max_stale_seconds`, or never fetched).
+    RevocationUnavailable,
     /// The client went away while its request waited for keys; nothing was
     /// forwarded and no answer was sent.
     ClientClosed,
@@ -83,12 +86,13 @@ impl Reason {
             Reason::Revoked => "revoked",
             Reason::VerificationRateLimited => "verification_rate_limited",
             Reason::KeysUnavailable => "keys_unavailable",
+            Reason::RevocationUnavailable => "revocation_unavailable",
             Reason::ClientClosed => "client_closed",
         }
     }
 
     /// Every reason, for stats registration and tests.
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 27] = [
         Reason::Ok,
         Reason::BadPath,
         Reason::NoRule,
@@ -114,6 +118,7 @@ impl Reason {
         Reason::Revoked,
         Reason::VerificationRateLimited,
         Reason::KeysUnavailable,
+        Reason::RevocationUnavailable,
         Reason::ClientClosed,
     ];
 }
@@ -172,7 +177,9 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
             (401, Some(www), "stronger authentication required\n")
         }
         // ClientClosed is never sent; were it, it would be this.
-        Reason::KeysUnavailable | Reason::ClientClosed => (503, None, "service unavailable\n"),
+        Reason::KeysUnavailable | Reason::RevocationUnavailable | Reason::ClientClosed => {
+            (503, None, "service unavailable\n")
+        }
         Reason::Ok => (500, None, "internal error\n"),
         Reason::Malformed
         | Reason::AlgNotAllowed

@@ -69,6 +69,21 @@ struct RawConfig {
     step_up_defaults: Option<RawStepUp>,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    revocation: Option<RawRevocation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevocation {
+    uri: String,
+    cluster: String,
+    #[serde(default = "defaults::revocation_refresh")]
+    refresh_seconds: u64,
+    #[serde(default = "defaults::timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "defaults::revocation_max_stale")]
+    max_stale_seconds: u64,
 }
 
 #[derive(Deserialize, Default)]
@@ -144,6 +159,8 @@ struct RawRule {
     max_token_age_seconds: Option<u64>,
     #[serde(default)]
     step_up: Option<RawStepUpRef>,
+    #[serde(default)]
+    sensitive: bool,
 }
 
 mod defaults {
@@ -188,6 +205,12 @@ mod defaults {
     pub fn retry() -> u64 {
         1
     }
+    pub fn revocation_refresh() -> u64 {
+        5
+    }
+    pub fn revocation_max_stale() -> u64 {
+        300
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -213,6 +236,8 @@ pub struct Policy {
     pub role_scopes: BTreeMap<String, Vec<String>>,
     /// Environment variable holding the audit HMAC key, if any.
     pub audit_hmac_key_env: Option<String>,
+    /// Where the revocation list comes from, if one is used.
+    pub revocation: Option<FetchSource>,
 }
 
 /// Something the filter can forward to the upstream as a header.
@@ -260,21 +285,25 @@ pub struct Provider {
     pub algorithms: Vec<Alg>,
     /// Accepted header `typ` values, lower-cased; empty means not checked.
     pub token_types: Vec<String>,
-    pub jwks: JwksSource,
+    pub jwks: FetchSource,
 }
 
-/// Where and how often a provider's keys are fetched.
+/// Where and how often a document (a JWKS, the revocation list) is fetched.
 #[derive(Debug)]
-pub struct JwksSource {
+pub struct FetchSource {
     pub uri: String,
     /// `:authority` and `:path` of the callout, split from `uri`.
     pub authority: String,
     pub path: String,
     pub cluster: String,
     pub timeout_ms: u64,
-    pub cache_seconds: u64,
+    /// How often it is fetched again (a JWKS's `cache_seconds`).
+    pub refresh_seconds: u64,
+    /// How long the last good one serves after that when fetches fail.
     pub max_stale_seconds: u64,
+    /// At most one on-demand refetch per this many seconds.
     pub min_refetch_seconds: u64,
+    /// Retry interval while none is held.
     pub retry_seconds: u64,
 }
 
@@ -290,6 +319,8 @@ pub struct Rule {
     pub scopes_any: Vec<String>,
     pub max_token_age: Option<u64>,
     pub step_up: Option<StepUp>,
+    /// Fails closed (503) when the revocation list is older than it may be.
+    pub sensitive: bool,
 }
 
 impl Rule {
@@ -454,7 +485,26 @@ impl Policy {
                 ));
             }
         }
+        let revocation = match raw.revocation {
+            None => None,
+            Some(r) => Some(compile_source(
+                FetchSource {
+                    uri: r.uri,
+                    authority: String::new(),
+                    path: String::new(),
+                    cluster: r.cluster,
+                    timeout_ms: r.timeout_ms,
+                    refresh_seconds: r.refresh_seconds,
+                    max_stale_seconds: r.max_stale_seconds,
+                    // Nothing asks for a list on demand; retries as a JWKS does.
+                    min_refetch_seconds: r.refresh_seconds,
+                    retry_seconds: 1,
+                },
+                &|f| format!("revocation.{f}"),
+            )?),
+        };
         Ok(Policy {
+            revocation,
             claims_to_headers,
             roles_claim: raw.roles_claim,
             role_scopes: raw.role_scopes,
@@ -478,6 +528,38 @@ impl Policy {
             .enumerate()
             .find(|(_, p)| p.issuer == iss)
     }
+}
+
+/// Checks a fetched document's source and splits its URI into the callout's
+/// `:authority` and `:path`; `at(field)` names a field in errors.
+fn compile_source(
+    mut s: FetchSource,
+    at: &dyn Fn(&str) -> String,
+) -> Result<FetchSource, ConfigError> {
+    let (authority, path) = split_http_uri(&s.uri).ok_or_else(|| {
+        err(
+            at("uri"),
+            "must be an absolute http:// or https:// URI with a host",
+        )
+    })?;
+    if s.cluster.is_empty() {
+        return Err(err(at("cluster"), "must name an Envoy cluster"));
+    }
+    if s.timeout_ms == 0 || s.timeout_ms > MAX_TIMEOUT_MS {
+        return Err(err(
+            at("timeout_ms"),
+            format!("must be 1..={MAX_TIMEOUT_MS}"),
+        ));
+    }
+    if s.refresh_seconds == 0 {
+        return Err(err(at("refresh_seconds"), "must be positive"));
+    }
+    if s.retry_seconds == 0 {
+        return Err(err(at("retry_seconds"), "must be positive"));
+    }
+    s.authority = authority;
+    s.path = path;
+    Ok(s)
 }
 
 fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provider, ConfigError> {
@@ -517,44 +599,36 @@ fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provi
         .map(|t| t.to_ascii_lowercase())
         .collect();
     let j = p.jwks;
-    let (authority, path) = split_http_uri(&j.uri).ok_or_else(|| {
-        err(
-            at("jwks.uri"),
-            "must be an absolute http:// or https:// URI with a host",
-        )
-    })?;
-    if j.cluster.is_empty() {
-        return Err(err(at("jwks.cluster"), "must name an Envoy cluster"));
-    }
-    if j.timeout_ms == 0 || j.timeout_ms > MAX_TIMEOUT_MS {
-        return Err(err(
-            at("jwks.timeout_ms"),
-            format!("must be 1..={MAX_TIMEOUT_MS}"),
-        ));
-    }
-    if j.cache_seconds == 0 {
-        return Err(err(at("jwks.cache_seconds"), "must be positive"));
-    }
-    if j.retry_seconds == 0 {
-        return Err(err(at("jwks.retry_seconds"), "must be positive"));
-    }
+    let jwks = compile_source(
+        FetchSource {
+            uri: j.uri,
+            authority: String::new(),
+            path: String::new(),
+            cluster: j.cluster,
+            timeout_ms: j.timeout_ms,
+            refresh_seconds: j.cache_seconds,
+            max_stale_seconds: j.max_stale_seconds,
+            min_refetch_seconds: j.min_refetch_seconds,
+            retry_seconds: j.retry_seconds,
+        },
+        &|f| {
+            at(&format!(
+                "jwks.{}",
+                if f == "refresh_seconds" {
+                    "cache_seconds"
+                } else {
+                    f
+                }
+            ))
+        },
+    )?;
     Ok(Provider {
         name: p.name,
         issuer: p.issuer,
         audiences: p.audiences,
         algorithms,
         token_types,
-        jwks: JwksSource {
-            authority,
-            path,
-            uri: j.uri,
-            cluster: j.cluster,
-            timeout_ms: j.timeout_ms,
-            cache_seconds: j.cache_seconds,
-            max_stale_seconds: j.max_stale_seconds,
-            min_refetch_seconds: j.min_refetch_seconds,
-            retry_seconds: j.retry_seconds,
-        },
+        jwks,
     })
 }
 
@@ -649,11 +723,12 @@ fn compile_rule(
         && (!r.scopes.is_empty()
             || !r.scopes_any.is_empty()
             || r.max_token_age_seconds.is_some()
-            || r.step_up.is_some())
+            || r.step_up.is_some()
+            || r.sensitive)
     {
         return Err(err(
             at("public"),
-            "a public rule cannot require scopes, token age or step-up",
+            "a public rule cannot require scopes, token age or step-up, nor be sensitive",
         ));
     }
     let step_up = match r.step_up {
@@ -684,6 +759,7 @@ fn compile_rule(
         scopes_any: r.scopes_any,
         max_token_age: r.max_token_age_seconds,
         step_up,
+        sensitive: r.sensitive,
     })
 }
 
@@ -861,6 +937,62 @@ mod tests {
         let e = load(&doc).unwrap_err();
         assert!(e.problem.contains("scope"), "{e}");
         assert!(Policy::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn revocation_block_and_sensitive_rules() {
+        let p = load(&base()).unwrap();
+        assert!(p.revocation.is_none() && !p.rules[0].sensitive);
+        let mut doc = base();
+        doc["revocation"] =
+            json!({"uri": "https://lists.example.org/revoked?v=2", "cluster": "lists"});
+        doc["rules"][0]["sensitive"] = json!(true);
+        let p = load(&doc).unwrap();
+        let r = p.revocation.as_ref().unwrap();
+        assert_eq!(
+            (r.authority.as_str(), r.path.as_str(), r.cluster.as_str()),
+            ("lists.example.org", "/revoked?v=2", "lists")
+        );
+        assert_eq!(
+            (r.refresh_seconds, r.timeout_ms, r.max_stale_seconds),
+            (5, 2000, 300)
+        );
+        assert!(p.rules[0].sensitive);
+        // A sensitive rule without a revocation block loads (lint warns).
+        let mut doc = base();
+        doc["rules"][0]["sensitive"] = json!(true);
+        assert!(load(&doc).is_ok());
+        for (edit, field) in [
+            (
+                json!({"uri": "ftp://x/y", "cluster": "c"}),
+                "revocation.uri",
+            ),
+            (
+                json!({"uri": "https://x/y", "cluster": ""}),
+                "revocation.cluster",
+            ),
+            (
+                json!({"uri": "https://x/y", "cluster": "c", "refresh_seconds": 0}),
+                "revocation.refresh_seconds",
+            ),
+            (
+                json!({"uri": "https://x/y", "cluster": "c", "timeout_ms": 0}),
+                "revocation.timeout_ms",
+            ),
+            (
+                json!({"uri": "https://x/y", "cluster": "c", "refresh": 5}),
+                "refresh",
+            ),
+            (json!({"cluster": "c"}), "uri"),
+        ] {
+            let mut doc = base();
+            doc["revocation"] = edit;
+            let e = load(&doc).unwrap_err();
+            assert!(e.to_string().contains(field), "{e} should name {field}");
+        }
+        let mut doc = base();
+        doc["rules"][0] = json!({"id": "r", "path": "/a/{id}", "public": true, "sensitive": true});
+        assert_eq!(load(&doc).unwrap_err().field, "rules[0].public");
     }
 
     #[test]

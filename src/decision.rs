@@ -1,5 +1,6 @@
-//! One request's decision: path safety, rule, token, token age, scopes,
-//! step-up — in that order, each a value the host turns into an answer.
+//! One request's decision: path safety, rule, token, revocation, token age,
+//! scopes, step-up — in that order, each a value the host turns into an
+//! answer.
 
 use std::rc::Rc;
 
@@ -7,6 +8,7 @@ use crate::answer::{Challenge, Reason, StepUpFailure};
 use crate::budget::VerificationBudget;
 use crate::config::{ForwardedClaim, Policy, Rule, StepUp};
 use crate::jwks::KeySet;
+use crate::revocation::RevocationList;
 use crate::rules::{query_has_access_token, scopes_satisfied, SafePath};
 use crate::token::{self, TokenCache, Unverified, VerifiedToken};
 
@@ -36,8 +38,57 @@ pub enum Verdict {
         /// Set once the token verified, so the audit can name who was refused.
         token: Option<Rc<VerifiedToken>>,
     },
-    /// Keys are missing or lack the token's `kid`; ask again after a fetch.
-    Wait { provider: usize, unknown_kid: bool },
+    /// A fetch may bring what the decision lacks; ask again after it.
+    Wait(WaitFor),
+}
+
+/// What a waiting request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitFor {
+    /// A provider's keys are missing or lack the token's `kid`.
+    Keys { provider: usize, unknown_kid: bool },
+    /// The first revocation list.
+    Revocations,
+}
+
+/// The revocation list as the worker holds it.
+#[derive(Debug, Clone, Copy)]
+pub enum Revocations<'a> {
+    /// No `revocation` block: nothing is revoked early.
+    Off,
+    /// Within `refresh_seconds + max_stale_seconds` of its fetch.
+    Fresh(&'a RevocationList),
+    /// Older than that: still applied, but sensitive rules fail closed.
+    Stale(&'a RevocationList),
+    /// None yet; the first fetch may still bring one.
+    Pending,
+    /// None, and fetching it failed.
+    Unavailable,
+}
+
+/// What the worker knows when it decides: fetched documents.
+#[derive(Clone, Copy)]
+pub struct Facts<'a> {
+    /// A provider's usable keys, if any.
+    pub keys: &'a dyn Fn(usize) -> Option<&'a KeySet>,
+    pub revocations: Revocations<'a>,
+}
+
+/// What the worker remembers from request to request.
+#[derive(Debug, Default)]
+pub struct State {
+    pub cache: TokenCache,
+    pub budget: VerificationBudget,
+}
+
+impl State {
+    /// The state `policy` asks for.
+    pub fn new(policy: &Policy) -> State {
+        State {
+            cache: TokenCache::new(policy.verified_token_cache_size),
+            budget: VerificationBudget::new(policy.verification_budget),
+        }
+    }
 }
 
 /// Counters the host turns into stats.
@@ -45,19 +96,21 @@ pub enum Verdict {
 pub struct Trace {
     /// Whether the verified-token cache answered (`None`: not consulted).
     pub token_cache_hit: Option<bool>,
+    /// Decided without a revocation list in force (set by the host, which
+    /// knows how fresh its list is).
+    pub revocation_stale: bool,
 }
 
 /// Decides `req` at Unix time `now`.
 ///
-/// `keys(provider)` gives usable keys. With `may_wait`, missing keys or an
-/// unknown `kid` yield [`Verdict::Wait`]; without, they are final (503 or 401).
-/// A token not in `cache` is checked within the source's `budget`.
-#[allow(clippy::too_many_arguments)] // Each is one of the worker's own facts.
-pub fn decide<'k>(
+/// With `may_wait`, what a fetch may still bring (keys, a `kid`, the first
+/// revocation list) yields [`Verdict::Wait`]; without, its absence is final
+/// (503 or 401). A token not in the state's cache is checked within its
+/// source's verification budget.
+pub fn decide(
     policy: &Policy,
-    keys: &dyn Fn(usize) -> Option<&'k KeySet>,
-    cache: &mut TokenCache,
-    budget: &mut VerificationBudget,
+    facts: &Facts<'_>,
+    state: &mut State,
     req: &Request<'_>,
     now: i64,
     may_wait: bool,
@@ -98,6 +151,7 @@ pub fn decide<'k>(
         return deny(Reason::InvalidRequest, Some(index), None);
     }
 
+    let (cache, budget, keys) = (&mut state.cache, &mut state.budget, facts.keys);
     let verified = match cache.get(raw) {
         Some(hit) => {
             trace.token_cache_hit = Some(true);
@@ -122,16 +176,16 @@ pub fn decide<'k>(
                     return deny(reason, Some(index), None);
                 }
                 Err(Unverified::NoKeys { provider }) if may_wait => {
-                    return Verdict::Wait {
+                    return Verdict::Wait(WaitFor::Keys {
                         provider,
                         unknown_kid: false,
-                    }
+                    })
                 }
                 Err(Unverified::UnknownKid { provider }) if may_wait => {
-                    return Verdict::Wait {
+                    return Verdict::Wait(WaitFor::Keys {
                         provider,
                         unknown_kid: true,
-                    }
+                    })
                 }
                 Err(Unverified::NoKeys { .. }) => {
                     return deny(Reason::KeysUnavailable, Some(index), None)
@@ -142,6 +196,11 @@ pub fn decide<'k>(
             }
         }
     };
+    match check_revocation(facts.revocations, rule, &verified, may_wait) {
+        Ok(()) => {}
+        Err(RevocationCheck::Wait) => return Verdict::Wait(WaitFor::Revocations),
+        Err(RevocationCheck::Deny(reason)) => return deny(reason, Some(index), Some(verified)),
+    }
     match authorize(policy, rule, &verified, now) {
         Ok(()) => Verdict::Allow {
             rule: index,
@@ -149,6 +208,38 @@ pub fn decide<'k>(
         },
         Err(reason) => deny(reason, Some(index), Some(verified)),
     }
+}
+
+enum RevocationCheck {
+    Wait,
+    Deny(Reason),
+}
+
+/// The revocation list, as fresh as the rule needs it: a sensitive rule
+/// fails closed without a list in force; others go on with the last list,
+/// or none.
+fn check_revocation(
+    revocations: Revocations<'_>,
+    rule: &Rule,
+    t: &VerifiedToken,
+    may_wait: bool,
+) -> Result<(), RevocationCheck> {
+    let list = match revocations {
+        Revocations::Off => return Ok(()),
+        Revocations::Fresh(list) => list,
+        Revocations::Pending if may_wait => return Err(RevocationCheck::Wait),
+        Revocations::Stale(_) | Revocations::Pending | Revocations::Unavailable
+            if rule.sensitive =>
+        {
+            return Err(RevocationCheck::Deny(Reason::RevocationUnavailable))
+        }
+        Revocations::Stale(list) => list,
+        Revocations::Pending | Revocations::Unavailable => return Ok(()),
+    };
+    if list.revokes(t) {
+        return Err(RevocationCheck::Deny(Reason::Revoked));
+    }
+    Ok(())
 }
 
 /// The per-rule checks on a verified token: age, scopes, step-up.
@@ -265,9 +356,14 @@ mod tests {
         };
         decide(
             policy,
-            &|_| Some(&kit.keys),
-            &mut TokenCache::new(0),
-            &mut VerificationBudget::new(0),
+            &Facts {
+                keys: &|_| Some(&kit.keys),
+                revocations: Revocations::Off,
+            },
+            &mut State {
+                cache: TokenCache::new(0),
+                budget: VerificationBudget::new(0),
+            },
             &req,
             now,
             true,
@@ -279,7 +375,7 @@ mod tests {
         match v {
             Verdict::Deny { reason, .. } => Some(*reason),
             Verdict::Allow { .. } => Some(Reason::Ok),
-            Verdict::Wait { .. } => None,
+            Verdict::Wait(_) => None,
         }
     }
 
@@ -589,8 +685,10 @@ mod tests {
     fn verification_budget_per_source() {
         let kit = Kit::new();
         let policy = kit.policy(&rules());
-        let mut cache = TokenCache::new(100);
-        let mut budget = VerificationBudget::new(3);
+        let mut state = State {
+            cache: TokenCache::new(100),
+            budget: VerificationBudget::new(3),
+        };
         let keys = |_: usize| Some(&kit.keys);
         let mut ask = |token: &str, source: &str, now: i64| {
             let auth = format!("Bearer {token}");
@@ -603,9 +701,11 @@ mod tests {
             };
             let v = decide(
                 &policy,
-                &keys,
-                &mut cache,
-                &mut budget,
+                &Facts {
+                    keys: &keys,
+                    revocations: Revocations::Off,
+                },
+                &mut state,
                 &req,
                 now,
                 false,
@@ -659,7 +759,7 @@ mod tests {
         assert_eq!(ask(&forged(5), a, NOW + 1), Some(Reason::InvalidSignature));
 
         // Off: forged tokens are all checked, and all fail as forged.
-        let mut off = VerificationBudget::new(0);
+        let mut off = State::default();
         for n in 10..60 {
             let auth = format!("Bearer {}", forged(n));
             let auth = [auth.as_str()];
@@ -671,8 +771,10 @@ mod tests {
             };
             let v = decide(
                 &policy,
-                &keys,
-                &mut TokenCache::new(0),
+                &Facts {
+                    keys: &keys,
+                    revocations: Revocations::Off,
+                },
                 &mut off,
                 &req,
                 NOW,
@@ -680,6 +782,83 @@ mod tests {
                 &mut Trace::default(),
             );
             assert_eq!(reason(&v), Some(Reason::InvalidSignature));
+        }
+    }
+
+    /// The list applies to every token, cached ones too; how fresh it must
+    /// be depends on the rule: sensitive ones fail closed without a list in
+    /// force, others go on with the last list, or none.
+    #[test]
+    fn revocation_by_freshness_and_rule() {
+        let kit = Kit::new();
+        let mut rules = rules();
+        rules.push(
+            json!({"id": "lab-read", "methods": ["GET"], "path": "/labs/{id}",
+            "scopes": ["read:patient-profile"], "sensitive": true}),
+        );
+        let policy = kit.policy(&rules);
+        let revoked_list = RevocationList::parse(br#"{"sub": ["user-gone"]}"#).unwrap();
+        let keys = |_: usize| Some(&kit.keys);
+        let mut state = State {
+            cache: TokenCache::new(10),
+            budget: VerificationBudget::new(0),
+        };
+        let gone = {
+            let mut c = kit.claims();
+            c["sub"] = "user-gone".into();
+            format!("Bearer {}", kit.rs256.sign(&c, &[]))
+        };
+        let fine = format!("Bearer {}", kit.rs256.sign(&kit.claims(), &[]));
+        let mut ask = |token: &str, path: &str, revocations, may_wait| {
+            let auth = [token];
+            let req = Request {
+                method: "GET",
+                path,
+                authorization: &auth,
+                source: None,
+            };
+            let facts = Facts {
+                keys: &keys,
+                revocations,
+            };
+            let v = decide(
+                &policy,
+                &facts,
+                &mut state,
+                &req,
+                NOW,
+                may_wait,
+                &mut Trace::default(),
+            );
+            match v {
+                Verdict::Wait(w) => Err(w),
+                v => Ok(reason(&v)),
+            }
+        };
+        use Revocations::*;
+        let ok = Ok(Some(Reason::Ok));
+        let revoked = Ok(Some(Reason::Revoked));
+        let closed = Ok(Some(Reason::RevocationUnavailable));
+        let (normal, sensitive) = ("/fhir/Patient/1", "/labs/1");
+        // Twice each: the second time the token comes from the cache.
+        for _ in 0..2 {
+            for (revocations, path, token, may_wait, want) in [
+                (Off, normal, &gone, true, ok),
+                (Fresh(&revoked_list), normal, &gone, true, revoked),
+                (Fresh(&revoked_list), sensitive, &gone, true, revoked),
+                (Fresh(&revoked_list), normal, &fine, true, ok),
+                (Fresh(&revoked_list), sensitive, &fine, true, ok),
+                (Stale(&revoked_list), normal, &gone, true, revoked),
+                (Stale(&revoked_list), normal, &fine, true, ok),
+                (Stale(&revoked_list), sensitive, &fine, true, closed),
+                (Unavailable, normal, &gone, true, ok),
+                (Unavailable, sensitive, &fine, true, closed),
+                (Pending, normal, &fine, false, ok),
+                (Pending, sensitive, &fine, false, closed),
+            ] {
+                assert_eq!(ask(token, path, revocations, may_wait), want, "{path}");
+            }
+            assert_eq!(ask(&fine, normal, Pending, true), Err(WaitFor::Revocations));
         }
     }
 
@@ -695,30 +874,37 @@ mod tests {
             authorization: &auth,
             source: None,
         };
-        let mut cache = TokenCache::new(10);
+        let mut state = State {
+            cache: TokenCache::new(10),
+            budget: VerificationBudget::new(0),
+        };
         let mut trace = Trace::default();
         let no_keys = |_: usize| None;
         assert!(matches!(
             decide(
                 &policy,
-                &no_keys,
-                &mut cache,
-                &mut VerificationBudget::new(0),
+                &Facts {
+                    keys: &no_keys,
+                    revocations: Revocations::Off
+                },
+                &mut state,
                 &req,
                 NOW,
                 true,
                 &mut trace
             ),
-            Verdict::Wait {
+            Verdict::Wait(WaitFor::Keys {
                 provider: 0,
                 unknown_kid: false
-            }
+            })
         ));
         let v = decide(
             &policy,
-            &no_keys,
-            &mut cache,
-            &mut VerificationBudget::new(0),
+            &Facts {
+                keys: &no_keys,
+                revocations: Revocations::Off,
+            },
+            &mut state,
             &req,
             NOW,
             false,
@@ -729,9 +915,11 @@ mod tests {
         assert_eq!(
             reason(&decide(
                 &policy,
-                &keys,
-                &mut cache,
-                &mut VerificationBudget::new(0),
+                &Facts {
+                    keys: &keys,
+                    revocations: Revocations::Off
+                },
+                &mut state,
                 &req,
                 NOW,
                 true,
@@ -744,9 +932,11 @@ mod tests {
         assert_eq!(
             reason(&decide(
                 &policy,
-                &no_keys,
-                &mut cache,
-                &mut VerificationBudget::new(0),
+                &Facts {
+                    keys: &no_keys,
+                    revocations: Revocations::Off
+                },
+                &mut state,
                 &req,
                 NOW,
                 true,
@@ -758,9 +948,11 @@ mod tests {
         assert_eq!(
             reason(&decide(
                 &policy,
-                &keys,
-                &mut cache,
-                &mut VerificationBudget::new(0),
+                &Facts {
+                    keys: &keys,
+                    revocations: Revocations::Off
+                },
+                &mut state,
                 &req,
                 NOW + 661,
                 true,
@@ -781,25 +973,29 @@ mod tests {
         assert!(matches!(
             decide(
                 &policy,
-                &keys,
-                &mut cache,
-                &mut VerificationBudget::new(0),
+                &Facts {
+                    keys: &keys,
+                    revocations: Revocations::Off
+                },
+                &mut state,
                 &req,
                 NOW,
                 true,
                 &mut trace
             ),
-            Verdict::Wait {
+            Verdict::Wait(WaitFor::Keys {
                 provider: 0,
                 unknown_kid: true
-            }
+            })
         ));
         assert_eq!(
             reason(&decide(
                 &policy,
-                &keys,
-                &mut cache,
-                &mut VerificationBudget::new(0),
+                &Facts {
+                    keys: &keys,
+                    revocations: Revocations::Off
+                },
+                &mut state,
                 &req,
                 NOW,
                 false,
@@ -884,9 +1080,14 @@ mod hostile {
         };
         decide(
             &f.policy,
-            &|_| Some(&f.kit.keys),
-            &mut TokenCache::new(0),
-            &mut VerificationBudget::new(0),
+            &Facts {
+                keys: &|_| Some(&f.kit.keys),
+                revocations: Revocations::Off,
+            },
+            &mut State {
+                cache: TokenCache::new(0),
+                budget: VerificationBudget::new(0),
+            },
             &req,
             NOW,
             false,

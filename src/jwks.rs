@@ -1,6 +1,5 @@
-//! JWKS documents (RFC 7517) turned into verifying keys, key selection by
-//! `kid`, and the freshness state of one provider's key cache. Time is passed
-//! in as Unix seconds; nothing here talks to the host.
+//! JWKS documents (RFC 7517) turned into verifying keys, and key selection
+//! by `kid`. When they are fetched and how long they serve is `fetch`'s.
 
 use std::fmt;
 
@@ -8,7 +7,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::Deserialize;
 
-use crate::config::JwksSource;
 use crate::crypto::{Alg, KeyKind, PublicKey};
 
 /// Largest JWKS document accepted; real ones are a few KiB.
@@ -222,87 +220,6 @@ fn field(value: &Option<String>, name: &str) -> Result<Vec<u8>, String> {
         .map_err(|_| format!("{name} is not base64url"))
 }
 
-// ---------------------------------------------------------------------------
-// Cache state
-
-/// What the cache can offer a request right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Availability {
-    /// Keys within `cache_seconds + max_stale_seconds` of their fetch.
-    Usable,
-    /// No keys yet, or too stale; a fetch may still bring some.
-    Missing,
-}
-
-/// One provider's key-cache bookkeeping: when keys were fetched, whether a
-/// fetch is running, and when the last fetch for an unknown `kid` happened.
-/// The keys themselves live next to it, in the host; this only decides.
-#[derive(Debug, Clone, Default)]
-pub struct CacheClock {
-    /// When the current keys were fetched (`None`: never).
-    pub fetched_at: Option<u64>,
-    /// When the last fetch was started, and whether it is still running.
-    pub last_attempt: Option<u64>,
-    pub in_flight: bool,
-    /// The last fetch failed (or brought garbage).
-    pub last_failed: bool,
-    /// When the last refetch on an unknown `kid` was started.
-    pub last_kid_refetch: Option<u64>,
-}
-
-impl CacheClock {
-    /// Whether keys fetched at `fetched_at` may still be used at `now`.
-    pub fn availability(&self, src: &JwksSource, now: u64) -> Availability {
-        match self.fetched_at {
-            Some(at) if now <= at.saturating_add(src.cache_seconds + src.max_stale_seconds) => {
-                Availability::Usable
-            }
-            _ => Availability::Missing,
-        }
-    }
-
-    /// Whether a scheduled fetch is due at `now`: keys are older than
-    /// `cache_seconds`, or missing and the last attempt is `retry_seconds` old.
-    pub fn fetch_due(&self, src: &JwksSource, now: u64) -> bool {
-        if self.in_flight {
-            return false;
-        }
-        let retry_ok = self
-            .last_attempt
-            .is_none_or(|at| now >= at.saturating_add(src.retry_seconds));
-        match self.fetched_at {
-            None => retry_ok,
-            Some(at) => now >= at.saturating_add(src.cache_seconds) && retry_ok,
-        }
-    }
-
-    /// Whether a token with an unknown `kid` may trigger a refetch at `now`
-    /// (at most one per `min_refetch_seconds`, so junk `kid`s cannot make us
-    /// hammer the IdP).
-    pub fn kid_refetch_allowed(&self, src: &JwksSource, now: u64) -> bool {
-        self.last_kid_refetch
-            .is_none_or(|at| now >= at.saturating_add(src.min_refetch_seconds))
-    }
-
-    /// A fetch starts at `now`.
-    pub fn started(&mut self, now: u64, for_unknown_kid: bool) {
-        self.in_flight = true;
-        self.last_attempt = Some(now);
-        if for_unknown_kid {
-            self.last_kid_refetch = Some(now);
-        }
-    }
-
-    /// The fetch ended: with new keys fetched at `fetched_at`, or failed.
-    pub fn finished(&mut self, fetched_at: Option<u64>) {
-        self.in_flight = false;
-        self.last_failed = fetched_at.is_none();
-        if fetched_at.is_some() {
-            self.fetched_at = fetched_at;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,56 +364,6 @@ mod tests {
             KeySet::parse(&doc(vec![ed_jwk("e")]), &[Alg::Rs256]).unwrap_err(),
             JwksError::NoUsableKeys
         );
-    }
-
-    fn src() -> JwksSource {
-        JwksSource {
-            uri: "http://idp/jwks".into(),
-            authority: "idp".into(),
-            path: "/jwks".into(),
-            cluster: "idp".into(),
-            timeout_ms: 2000,
-            cache_seconds: 300,
-            max_stale_seconds: 3600,
-            min_refetch_seconds: 30,
-            retry_seconds: 1,
-        }
-    }
-
-    #[test]
-    fn cache_clock() {
-        let src = src();
-        let mut c = CacheClock::default();
-        assert_eq!(c.availability(&src, 1000), Availability::Missing);
-        assert!(c.fetch_due(&src, 1000));
-        c.started(1000, false);
-        assert!(!c.fetch_due(&src, 1001), "one fetch at a time");
-        c.finished(None);
-        assert!(c.last_failed);
-        assert!(!c.fetch_due(&src, 1000), "retry waits retry_seconds");
-        assert!(c.fetch_due(&src, 1001));
-        c.started(1001, false);
-        c.finished(Some(1001));
-        assert_eq!(c.availability(&src, 1001), Availability::Usable);
-        assert!(!c.fetch_due(&src, 1300));
-        assert!(c.fetch_due(&src, 1301));
-        // A failed refresh keeps the keys until max_stale.
-        c.started(1301, false);
-        c.finished(None);
-        assert_eq!(
-            c.availability(&src, 1001 + 300 + 3600),
-            Availability::Usable
-        );
-        assert_eq!(
-            c.availability(&src, 1001 + 300 + 3601),
-            Availability::Missing
-        );
-        // Unknown-kid refetches are rate limited.
-        assert!(c.kid_refetch_allowed(&src, 2000));
-        c.started(2000, true);
-        c.finished(Some(2000));
-        assert!(!c.kid_refetch_allowed(&src, 2029));
-        assert!(c.kid_refetch_allowed(&src, 2030));
     }
 }
 

@@ -11,8 +11,10 @@ pub mod budget;
 pub mod config;
 pub mod crypto;
 pub mod decision;
+pub mod fetch;
 pub mod jwks;
 pub mod pairs;
+pub mod revocation;
 pub mod rules;
 pub mod token;
 

@@ -72,7 +72,7 @@ pub fn fingerprint(token: &str) -> String {
 
 /// What phi-guard keeps of a token whose signature and issuer checked out:
 /// only what later checks and the audit record need.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifiedToken {
     pub provider: usize,
     pub sub: Option<String>,
@@ -89,6 +89,10 @@ pub struct VerifiedToken {
     /// [`fingerprint`] of the token, computed once: SHA-256 costs about 5 µs
     /// per token in V8, too much to pay again on every cache hit.
     pub fingerprint: String,
+    /// The version of the revocation list that last found this token
+    /// clean (0: none): a cached token is not looked up again until the
+    /// list changes.
+    pub revocation_checked: std::cell::Cell<u64>,
 }
 
 /// The header members phi-guard reads besides `alg`, `kid` and `typ`.
@@ -256,6 +260,7 @@ pub fn verify_within_budget<'k>(
         nbf,
         iat,
         fingerprint: fingerprint(token),
+        revocation_checked: Default::default(),
     })
 }
 

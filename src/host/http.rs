@@ -10,7 +10,7 @@ use proxy_wasm::types::{Action, MapType};
 use crate::answer::{self, Reason};
 use crate::audit::{self, AuditRecord};
 use crate::config::Policy;
-use crate::decision::{self, Request, Trace, Verdict};
+use crate::decision::{self, Request, Trace, Verdict, WaitFor};
 use crate::pairs;
 use crate::token::{self, VerifiedToken};
 
@@ -21,7 +21,8 @@ use super::worker::{now_ms, Waiter, Worker};
 /// Filter-state name the access log reads as `%FILTER_STATE(wasm.phi_guard.audit:PLAIN)%`.
 const AUDIT_PROPERTY: &str = "phi_guard.audit";
 
-/// What a request needs while it is decided, possibly across a wait for keys.
+/// What a request needs while it is decided, possibly across waits for
+/// documents (keys, the first revocation list).
 #[derive(Default)]
 pub struct Pending {
     /// The client sent a header named like one of the identity headers.
@@ -37,6 +38,8 @@ pub struct Pending {
     paused: bool,
     /// Paused for keys at least once (counted as a key-cache miss then).
     waited: bool,
+    /// The documents this request waited for; each is waited for once.
+    waited_on: Vec<usize>,
 }
 
 pub struct Filter {
@@ -93,40 +96,7 @@ impl HttpContext for Filter {
             }
         }
         p.source = property_string(&["source", "address"]);
-        let now = now_ms();
-        let (mut verdict, mut trace) = run(&mut w, &p, now, true);
-        if let Verdict::Wait { provider, .. } = verdict {
-            if w.sync_shared(provider, now) {
-                (verdict, trace) = run(&mut w, &p, now, true);
-            }
-        }
-        if let Verdict::Wait {
-            provider,
-            unknown_kid,
-        } = verdict
-        {
-            metrics::bump(w.metrics.key_cache_miss);
-            p.waited = true;
-            let fetching = w.want_keys(provider, unknown_kid, now);
-            if fetching {
-                let timeout = w
-                    .policy
-                    .providers
-                    .get(provider)
-                    .map_or(0, |p| p.jwks.timeout_ms);
-                w.waiters.push(Waiter {
-                    context_id: self.context_id,
-                    provider,
-                    deadline_ms: now.saturating_add(timeout).saturating_add(100),
-                    pending: Rc::downgrade(&self.pending),
-                });
-                p.paused = true;
-                return Action::Pause;
-            }
-            (verdict, trace) = run(&mut w, &p, now, false);
-        }
-        w.count_caches(trace, &verdict, p.waited);
-        apply(&mut w, &mut p, verdict, now)
+        decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
@@ -202,20 +172,64 @@ fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> (Verdict, Trace
     w.decide(&req, now, may_wait)
 }
 
-/// Called by the root, with this request's context made effective, once keys
-/// arrived or the wait timed out: decide for good and answer.
-pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, pending: &Rc<RefCell<Pending>>, now: u64) {
+/// Decides the request, or parks it on a document a fetch may bring (each
+/// document at most once per request; its deadline is that document's
+/// `timeout_ms`). `Continue` when allowed; `Pause` when parked or answered.
+fn decide_or_park(
+    w: &mut Worker,
+    p: &mut Pending,
+    context_id: u32,
+    pending: &Rc<RefCell<Pending>>,
+    now: u64,
+) -> Action {
+    let (mut verdict, mut trace) = run(w, p, now, true);
+    if let Verdict::Wait(wait) = verdict {
+        // Another VM may have published it already.
+        if w.doc_of(wait).is_some_and(|doc| w.sync_peer(doc)) {
+            (verdict, trace) = run(w, p, now, true);
+        }
+    }
+    if let Verdict::Wait(wait) = verdict {
+        if let Some(doc) = w.doc_of(wait).filter(|d| !p.waited_on.contains(d)) {
+            if matches!(wait, WaitFor::Keys { .. }) && !p.waited {
+                metrics::bump(w.metrics.key_cache_miss);
+                p.waited = true;
+            }
+            if w.want(wait, now) {
+                p.waited_on.push(doc);
+                let deadline = now.saturating_add(w.timeout_ms(doc)).saturating_add(100);
+                w.waiters.push(Waiter {
+                    context_id,
+                    doc,
+                    deadline_ms: deadline,
+                    pending: Rc::downgrade(pending),
+                });
+                p.paused = true;
+                return Action::Pause;
+            }
+        }
+        (verdict, trace) = run(w, p, now, false);
+    }
+    p.paused = false;
+    w.count_caches(trace, &verdict, p.waited);
+    apply(w, p, verdict, now)
+}
+
+/// Called by the root, with this request's context made effective, once
+/// what it waited for arrived or the wait timed out: decide (or wait for
+/// another document) and answer or let it go on.
+pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, waiter: &Waiter, now: u64) {
+    let Some(pending) = waiter.pending.upgrade() else {
+        return;
+    };
     let mut w = worker.borrow_mut();
     let mut p = pending.borrow_mut();
     if !p.paused {
         return;
     }
-    let (verdict, trace) = run(&mut w, &p, now, false);
-    w.count_caches(trace, &verdict, p.waited);
-    if apply(&mut w, &mut p, verdict, now) == Action::Continue {
+    if decide_or_park(&mut w, &mut p, waiter.context_id, &pending, now) == Action::Continue {
         let _ = abi::resume_request();
     }
-    p.paused = false;
 }
 
 /// Carries out a verdict on the current request and drafts its audit record.
@@ -229,7 +243,8 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
             token,
         } => (*reason, *rule, token.clone()),
         // Only reached if the core asked to wait when told it may not.
-        Verdict::Wait { .. } => (Reason::KeysUnavailable, None, None),
+        Verdict::Wait(WaitFor::Keys { .. }) => (Reason::KeysUnavailable, None, None),
+        Verdict::Wait(WaitFor::Revocations) => (Reason::RevocationUnavailable, None, None),
     };
     w.metrics.decision(reason);
     let rule_ref = rule.and_then(|i| policy.rules.get(i));

@@ -3,6 +3,7 @@
 //! request, ask the core, answer or continue, write the audit record.
 
 mod abi;
+mod fetcher;
 mod http;
 mod metrics;
 mod root;

@@ -12,8 +12,8 @@ use crate::audit::AuditChain;
 use crate::config::Policy;
 
 use super::abi;
-use super::http::Filter;
-use super::worker::{self, now_ms, Worker};
+use super::http::{self, Filter};
+use super::worker::{now_ms, Waiter, Worker};
 
 /// How often the timer runs: waiting requests are decided within this of their deadline.
 const TICK: Duration = Duration::from_millis(100);
@@ -31,26 +31,26 @@ impl Root {
         }
     }
 
-    /// Decides the waiters of `providers` (keys arrived or fetch ended) and
-    /// the `expired` ones.
-    fn wake(
-        &self,
-        worker: &Rc<RefCell<Worker>>,
-        providers: &[usize],
-        expired: Vec<worker::Waiter>,
-    ) {
+    /// Decides again, each in its own context, the requests waiting for
+    /// `docs` (a document arrived or its fetch ended) and the `expired` ones.
+    /// The root is the one owner of waiting requests: it parks and wakes them.
+    fn wake(&self, worker: &Rc<RefCell<Worker>>, docs: &[usize], expired: Vec<Waiter>) {
         let now = now_ms();
         let mut waiters = expired;
         {
             let mut w = worker.borrow_mut();
-            for p in providers {
-                waiters.extend(w.take_waiters(*p));
+            for doc in docs {
+                waiters.extend(w.take_waiters(*doc));
             }
         }
         if waiters.is_empty() {
             return;
         }
-        worker::wake(worker, waiters, now);
+        for waiter in &waiters {
+            if abi::set_effective_context(waiter.context_id).is_ok() {
+                http::finish_waiting(worker, waiter, now);
+            }
+        }
         let _ = abi::set_effective_context(self.context_id);
     }
 }
@@ -102,8 +102,12 @@ impl Context for Root {
         let Some(worker) = self.worker.clone() else {
             return;
         };
-        worker::on_callout(&worker, token_id, body_size);
-        let _ = abi::set_effective_context(self.context_id);
+        let done = worker
+            .borrow_mut()
+            .on_callout(token_id, body_size, now_ms());
+        if let Some(doc) = done {
+            self.wake(&worker, &[doc], Vec::new());
+        }
     }
 }
 
@@ -150,8 +154,8 @@ impl RootContext for Root {
         let (ready, expired) = worker.borrow_mut().tick(now_ms());
         self.wake(&worker, &ready, expired);
         let mut w = worker.borrow_mut();
-        if w.kicked {
-            w.kicked = false;
+        if w.fetcher.kicked {
+            w.fetcher.kicked = false;
             let _ = abi::set_tick_period(TICK);
         }
     }

@@ -650,6 +650,8 @@ class Envoy:
         with_wasm: bool = True,
         wasm: Path = WASM,
         log_level: str = "warn",
+        clusters: dict[str, int] | None = None,
+        concurrency: int = 1,
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -658,10 +660,13 @@ class Envoy:
         self.access_log_path = self.workdir / "access.log"
         self.admin_address_path = self.workdir / "admin.address"
         self.log_level = log_level
+        self.concurrency = concurrency
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.admin_port = 0
         self.config = self._rewrite(upstream_port, jwks_port, policy, with_wasm, wasm)
+        for name, port in (clusters or {}).items():
+            self.add_cluster(name, port)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def _rewrite(self, upstream_port, jwks_port, policy, with_wasm, wasm) -> dict:
@@ -691,6 +696,19 @@ class Envoy:
         plugin["configuration"]["value"] = policy
         return config
 
+    def add_cluster(self, name: str, port: int) -> None:
+        """Another loopback cluster (a revocation list, an introspection endpoint)."""
+        res = self.config["static_resources"]
+        template = next(c for c in res["clusters"] if c["name"] == "idp_jwks")
+        cluster = copy.deepcopy(template)
+        cluster["name"] = name
+        cluster["load_assignment"]["cluster_name"] = name
+        for group in cluster["load_assignment"]["endpoints"]:
+            for lb in group["lb_endpoints"]:
+                lb["endpoint"]["address"]["socket_address"]["port_value"] = port
+        res["clusters"] = [c for c in res["clusters"] if c["name"] != name] + [cluster]
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
     @staticmethod
     def point_jwks(policy: dict, jwks_port: int) -> dict:
         """Point every provider's JWKS uri at the test server (the cluster
@@ -707,7 +725,7 @@ class Envoy:
         """Start and wait until admin says LIVE and the listener has a port.
         Raises EnvoyFailedToStart (with the log tail) if it exits or hangs."""
         self.admin_address_path.unlink(missing_ok=True)
-        argv = [str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", "1"]
+        argv = [str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(self.concurrency)]
         # Several Envoys (tests, a running demo) must not share shared memory.
         argv += ["--use-dynamic-base-id", "--log-level", self.log_level]
         # Envoy writes access-log files every 10 s by default; tests read them sooner.
