@@ -1,5 +1,8 @@
 """Callouts that go wrong (issue #12): the VM must live through every answer.
 
+Every callout phi-guard makes is covered: a provider's JWKS and the
+revocation list (both through host/fetcher.rs).
+
 A JWKS endpoint that answers 50 MB, nothing, half a body, a reset, an HTML
 page, a redirect or one byte a second, or that flaps up and down, must
 never take the filter down. Each case is checked at start (no keys yet:
@@ -10,6 +13,7 @@ rising proves the bad answer really reached the filter.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -125,4 +129,51 @@ def test_flapping_endpoint_never_takes_the_filter_down(tmp_path, upstream, idp, 
     assert set(seen[:first]) <= {503} and set(seen[first:]) == {200}, seen
     assert eventually(lambda: envoy.get(PROTECTED, token=mint(keys["RS256"])).status == 200, timeout=10)
     assert failed_fetches(envoy) >= 1 and envoy.phi_stats().get("jwks_fetch.ok", 0) >= 1, envoy.phi_stats()
+    assert_vm_alive(envoy)
+
+
+# --------------------------------------------------------------------------
+# The revocation list is fetched by the same machinery; it must fail alike.
+
+SENSITIVE = "/labs/7"
+
+
+@pytest.fixture
+def list_server(keys):
+    with MisbehavingJwks() as server:
+        server.document = json.dumps({"jti": ["jti-revoked"]}).encode()
+        yield server
+
+
+@pytest.mark.parametrize("mode", MisbehavingJwks.MODES)
+def test_bad_revocation_answer_keeps_the_vm_and_the_last_list(tmp_path, upstream, idp, list_server, keys, stopped, mode):
+    policy = Envoy.point_jwks(shipped_policy(), idp.port)
+    policy["providers"][0]["algorithms"] = list(keys)
+    policy["revocation"] = {
+        "uri": f"http://127.0.0.1:{list_server.port}/revoked.json",
+        "cluster": "revocation",
+        "refresh_seconds": 1,
+        "timeout_ms": 1000,
+        "max_stale_seconds": 3600,
+    }
+    policy["rules"].append({"id": "lab-read", "methods": ["GET"], "path": "/labs/{id}",
+                            "scopes": ["read:patient-profile"], "sensitive": True})
+    # At start: no list ever, so sensitive rules are closed and others serve.
+    list_server.mode = mode
+    envoy = Envoy(tmp_path / "envoy", upstream.port, idp.port, policy, clusters={"revocation": list_server.port})
+    stopped.append(envoy.start())
+    revoked, fine = mint(keys["RS256"], jti="jti-revoked"), mint(keys["RS256"])
+    assert envoy.get(SENSITIVE, token=fine).status == 503
+    assert envoy.get(PROTECTED, token=fine).status == 200
+    assert eventually(lambda: envoy.phi_stats().get("revocation_fetch.failed", 0) >= 1, timeout=15)
+    assert_vm_alive(envoy)
+
+    # Once a list arrives it is in force; a bad refresh keeps it.
+    list_server.mode = "ok"
+    assert eventually(lambda: envoy.get(PROTECTED, token=revoked).status == 401, timeout=15), envoy.log_tail()
+    before = envoy.phi_stats().get("revocation_fetch.failed", 0)
+    list_server.mode = mode
+    assert eventually(lambda: envoy.phi_stats().get("revocation_fetch.failed", 0) >= before + 2, timeout=20)
+    assert envoy.get(PROTECTED, token=revoked).status == 401
+    assert envoy.get(SENSITIVE, token=fine).status == 200
     assert_vm_alive(envoy)
