@@ -2,7 +2,9 @@
 //! provider's JWKS, the revocation list. What a document holds is the
 //! worker's business; this fetches, shares, refreshes and lets it go stale.
 //!
-//! One VM fetches (a lease under `phi_guard.lease.<doc>` in shared data),
+//! One VM fetches (a lease under `phi_guard.lease.<doc>` in shared data,
+//! `<held until, ms> <attempt started, s>`, which also spaces retries
+//! across VMs),
 //! checks the body through the worker, and publishes it under
 //! `phi_guard.doc.<doc>` as `<version>\n<body>`, then the version alone
 //! under `phi_guard.ver.<doc>`; a version is `<fetched_at>:<sha-256 prefix>`. Every VM
@@ -98,6 +100,25 @@ fn shared(kind: &str, doc: &str) -> String {
     format!("phi_guard.{kind}.{doc}")
 }
 
+/// A lease: held until (ms), and when its fetch started (s), if written so.
+fn read_lease(v: &[u8]) -> (u64, Option<u64>) {
+    let text = std::str::from_utf8(v).unwrap_or("");
+    let mut parts = text.split(' ');
+    let until = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (until, parts.next().and_then(|p| p.parse().ok()))
+}
+
+/// Gives the lease of `doc` up, keeping when its fetch started.
+fn release(doc: &str) {
+    let key = shared("lease", doc);
+    let started = abi::shared_data(&key)
+        .ok()
+        .and_then(|(v, _)| v)
+        .and_then(|v| read_lease(&v).1)
+        .map_or_else(String::new, |at| format!(" {at}"));
+    let _ = abi::set_shared_data(&key, format!("0{started}").as_bytes(), None);
+}
+
 /// The first 8 bytes of the body's SHA-256, in hex.
 fn content_hash(body: &[u8]) -> String {
     Sha256::digest(body)
@@ -164,7 +185,9 @@ impl Fetcher {
     }
 
     /// Starts a fetch if this VM wins the lease; `true` if a fetch is running
-    /// anywhere (here or in the lease holder).
+    /// anywhere (here or in the lease holder), or another VM tried one within
+    /// `retry_seconds` (scheduled fetches only): one attempt per retry
+    /// interval for the whole Envoy, not one per VM.
     pub fn start(&mut self, doc: usize, src: &FetchSource, now_ms: u64, on_demand: bool) -> bool {
         let Some(d) = self.docs.get_mut(doc) else {
             return false;
@@ -172,19 +195,27 @@ impl Fetcher {
         let lease_key = shared("lease", &d.name);
         let lease_ms = src.timeout_ms.saturating_add(500);
         let (lease, cas) = abi::shared_data(&lease_key).unwrap_or((None, None));
-        let held_until = lease
-            .as_deref()
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(0);
+        let (held_until, attempted) = lease.as_deref().map_or((0, None), read_lease);
         if held_until > now_ms && !d.clock.in_flight {
             // Another VM is fetching; its result arrives through shared data.
             if on_demand {
                 d.clock.last_kid_refetch = Some(secs(now_ms));
             }
+            if let Some(at) = attempted {
+                d.clock.last_attempt = Some(at);
+            }
             return true;
         }
-        let until = now_ms.saturating_add(lease_ms).to_string();
+        if let Some(at) = attempted {
+            if !on_demand
+                && !d.clock.in_flight
+                && secs(now_ms) < at.saturating_add(src.retry_seconds)
+            {
+                d.clock.last_attempt = Some(at);
+                return true;
+            }
+        }
+        let until = format!("{} {}", now_ms.saturating_add(lease_ms), secs(now_ms));
         if abi::set_shared_data(&lease_key, until.as_bytes(), cas).is_err() {
             // Lost the race for the lease: someone else fetches.
             return true;
@@ -213,7 +244,7 @@ impl Fetcher {
                     status.0
                 );
                 d.clock.finished(None);
-                let _ = abi::set_shared_data(&lease_key, b"0", None);
+                release(&d.name);
                 false
             }
         }
@@ -270,7 +301,7 @@ impl Fetcher {
             let _ = abi::set_shared_data(&shared("ver", &d.name), version.as_bytes(), None);
             d.clock.finished(Some(a.fetched_at));
             // Released after publishing, so no VM starts a fetch the result already answers.
-            let _ = abi::set_shared_data(&shared("lease", &d.name), b"0", None);
+            release(&d.name);
         }
         d.hash = Some(a.hash);
     }
@@ -279,7 +310,7 @@ impl Fetcher {
     pub fn reject(&mut self, doc: usize) {
         if let Some(d) = self.docs.get_mut(doc) {
             d.clock.finished(None);
-            let _ = abi::set_shared_data(&shared("lease", &d.name), b"0", None);
+            release(&d.name);
         }
     }
 
@@ -326,16 +357,27 @@ impl Fetcher {
         })
     }
 
+    /// Whether peers' copies should be looked at now: every tick while a
+    /// request waits or a document is missing, else every [`SYNC_EVERY_MS`].
+    /// Before any scheduled fetch, so a peer's fresh copy spares one.
+    pub fn sync_due(&mut self, now_ms: u64, waiting: bool) -> bool {
+        let due = waiting
+            || self.docs.iter().any(|d| d.clock.fetched_at.is_none())
+            || now_ms.saturating_sub(self.last_sync_ms) >= SYNC_EVERY_MS;
+        if due {
+            self.last_sync_ms = now_ms;
+        }
+        due
+    }
+
     /// The timer: fetches asked for, scheduled fetches, lost callouts.
     /// Returns the documents whose waiters should be decided again (no
-    /// fetch could be started for them, or a lost one was given up on), and
-    /// whether peers' copies should be looked at now.
+    /// fetch could be started for them, or a lost one was given up on).
     pub fn tick<'p>(
         &mut self,
         now_ms: u64,
         src: &dyn Fn(usize) -> Option<&'p FetchSource>,
-        waiting: bool,
-    ) -> (Vec<usize>, bool) {
+    ) -> Vec<usize> {
         let now = secs(now_ms);
         let mut ready = Vec::new();
         for i in 0..self.docs.len() {
@@ -360,13 +402,7 @@ impl Fetcher {
                 self.start(i, s, now_ms, false);
             }
         }
-        let sync = waiting
-            || self.docs.iter().any(|d| d.clock.fetched_at.is_none())
-            || now_ms.saturating_sub(self.last_sync_ms) >= SYNC_EVERY_MS;
-        if sync {
-            self.last_sync_ms = now_ms;
-        }
-        (ready, sync)
+        ready
     }
 }
 

@@ -99,20 +99,10 @@ impl HttpContext for Filter {
         decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let status = abi::header(MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok());
-        self.seal(status);
-        Action::Continue
-    }
-
     fn on_log(&mut self) {
-        // Usually sealed at the response headers; here only when none came.
-        if self.pending.borrow().sealed {
-            return;
-        }
+        // Sealed here, not at the response headers: Envoy writes access-log
+        // lines in the order streams end, and a chain must be written in the
+        // order it was sealed, or `audit verify` sees records swapped.
         self.record_abandoned();
         let status = abi::property(&["response", "code"])
             .ok()

@@ -314,15 +314,15 @@ impl Worker {
     pub fn tick(&mut self, now_ms: u64) -> (Vec<usize>, Vec<Waiter>) {
         let policy = Rc::clone(&self.policy);
         let src = |doc: usize| Self::source(&policy, doc);
-        let waiting = !self.waiters.is_empty();
-        let (mut ready, sync) = self.fetcher.tick(now_ms, &src, waiting);
-        if sync {
+        let mut ready = Vec::new();
+        if self.fetcher.sync_due(now_ms, !self.waiters.is_empty()) {
             for doc in 0..self.fetcher.docs.len() {
                 if self.sync_peer(doc) {
                     ready.push(doc);
                 }
             }
         }
+        ready.extend(self.fetcher.tick(now_ms, &src));
         self.gauges(now_ms);
         let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
