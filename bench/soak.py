@@ -502,6 +502,7 @@ class Timeline:
     start: float = 0.0
     t1: float = 0.0
     outage: tuple[float, float] = (0.0, 0.0)
+    outage_answers: int = 0
     t2: float = 0.0
     t2_hits: int = 0
     # (earliest, latest): see JwksWatch
@@ -664,10 +665,10 @@ def main() -> int:
                     phase.value = ROTATED
                 elif what == "JWKS endpoint down":
                     jwks_server.set_status(503)
-                    tl.outage = (time.monotonic(), 0.0)
+                    tl.outage, hits_down = (time.monotonic(), 0.0), jwks_server.hits
                 elif what == "JWKS endpoint up":
                     jwks_server.set_status(200)
-                    tl.outage = (tl.outage[0], time.monotonic())
+                    tl.outage, tl.outage_answers = (tl.outage[0], time.monotonic()), jwks_server.hits - hits_down
                 elif what.startswith("T2"):
                     tl.t2, tl.t2_hits = switch_keys(jwks_server, keys["K1"], keys["ES256"], keys["EdDSA"])
                 else:
@@ -682,6 +683,9 @@ def main() -> int:
             tl.t1_fetch = watch.first_fetch_after(tl.t1, tl_t1_hits)
             tl.t2_fetch = watch.first_fetch_after(tl.t2, tl.t2_hits)
             jwks_hits = jwks_server.hits
+            # For a failure's post-mortem: when the JWKS server answered, in run time.
+            answers = [f"{seen - tl.start:.2f}\t{hits}" for _, seen, hits in watch.events]
+            (work / "jwks-answers.tsv").write_text("\n".join(answers) + "\n")
             # Stopping Envoy flushes the access log; the checks read it whole.
             envoy.stop()
             seen = dict(upstream.seen)
@@ -864,8 +868,9 @@ def report(sent, records, stats, tl, rss_warm, rss_end, rss, jwks_hits, verified
 
     k1_fetched, k0_gone = (at(f and f[1]) for f in (tl.t1_fetch, tl.t2_fetch))
     log(
-        f"rotation: T1 {at(tl.t1)} (fetched {k1_fetched}), JWKS 503 {at(tl.outage[0])} - {at(tl.outage[1])},"
-        f" T2 {at(tl.t2)} (fetched {k0_gone}); the JWKS server answered {jwks_hits} times"
+        f"rotation: T1 {at(tl.t1)} (fetched {k1_fetched}), JWKS 503 {at(tl.outage[0])} - {at(tl.outage[1])}"
+        f" ({tl.outage_answers} answers), T2 {at(tl.t2)} (fetched {k0_gone});"
+        f" the JWKS server answered {jwks_hits} times"
     )
     old = [s for s in sent if s.cls == "old_key" and s.t0 >= tl.t2]
     if tl.t2_fetch:
