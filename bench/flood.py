@@ -222,6 +222,15 @@ def measure(side: Side, seconds: float, legit: Path, forged: Path, offset: int, 
     return out
 
 
+def refusals(side: Side) -> dict[str, int] | None:
+    """phi-guard's count of forged tokens refused after a signature check and
+    without one (over budget); None for native, which does not say."""
+    if side.name != "phi-guard":
+        return None
+    stats = side.envoy.phi_stats()
+    return {reason: stats.get(f"denied.{reason}", 0) for reason in ("invalid_signature", "verification_rate_limited")}
+
+
 def check_side(side: Side, good: str, forged: str, alg: str) -> None:
     ok = http_request(side.port, "GET", PATH, [("Authorization", f"Bearer {good}")]).status
     refused = http_request(side.port, "GET", PATH, [("Authorization", f"Bearer {forged}")]).status
@@ -317,7 +326,10 @@ def main() -> int:
                             # Each side walks on through the forged tokens, so one comes back only once
                             # all were sent (bar the few in flight when a run ends).
                             at = sent.get((alg, name), 0)
+                            before = refusals(sides[name])
                             m = measure(sides[name], seconds, legit[alg], forged[alg], at, files, conns)
+                            after = refusals(sides[name])
+                            m["refusals"] = {k: after[k] - before[k] for k in after} if before and after else None
                             answered = sum(sum(m[k].statuses.values()) for k in ("forged", "flood_forged"))
                             sent[(alg, name)] = at + answered
                             results.setdefault((alg, name), []).append(m)
@@ -356,7 +368,7 @@ def report(results, sent, sides, rounds, seconds, conns, count, budget_label, qu
     log("")
     head = (
         f"{'alg':5} {'side':9} | {'forged alone':>12} | {'forged w/ legit':>15} | {'legit alone':>11}"
-        f" {'p99':>7} | {'legit in flood':>14} {'p99':>7} | {'legit kept':>10}"
+        f" {'p99':>7} | {'legit in flood':>14} {'p99':>7} | {'legit kept':>10} | {'unchecked':>9}"
     )
     log(head)
     log("-" * len(head))
@@ -366,14 +378,19 @@ def report(results, sent, sides, rounds, seconds, conns, count, budget_label, qu
             alone, under = _median(runs, "legit").result, _median(runs, "flood_legit").result
             forged_alone, forged_mixed = _median(runs, "forged").result, _median(runs, "flood_forged").result
             wrapped = "*" if sent[(alg, name)] > count else ""
+            refused = [m["refusals"] for m in runs if m["refusals"]]
+            checked = sum(r["invalid_signature"] for r in refused)
+            unchecked = sum(r["verification_rate_limited"] for r in refused)
+            share = f"{unchecked / (checked + unchecked):.1%}" if checked + unchecked else "-"
             log(
                 f"{alg:5} {name:9} | {forged_alone.rps:11,.0f}{wrapped:1} | {forged_mixed.rps:15,.0f} |"
                 f" {alone.rps:11,.0f} {alone.p99:5.2f}ms | {under.rps:14,.0f} {under.p99:5.2f}ms |"
-                f" {under.rps / alone.rps:9.0%}"
+                f" {under.rps / alone.rps:9.0%} | {share:>9}"
             )
     log("(req/s; 'forged' answers were all 401 and 'legit' all 2xx, or the run would have stopped;")
     log(" 'legit kept' = legit req/s under flood / legit req/s alone; * = this side was sent more forged requests")
-    log(" than there are forged tokens, so some were sent again (FLOOD_TOKENS raises the count))")
+    log(" than there are forged tokens, so some were sent again (FLOOD_TOKENS raises the count); 'unchecked' =")
+    log(" forged tokens phi-guard refused over budget without a signature check, from its denied.* counters)")
 
 
 if __name__ == "__main__":
