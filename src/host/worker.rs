@@ -1,6 +1,6 @@
 //! Per-VM state (one VM per Envoy worker, plus the main thread's): the policy,
 //! each provider's keys and fetch bookkeeping, the verified-token cache, the
-//! requests waiting for keys, stats and the audit chain.
+//! requests waiting for keys, stats, the audit chain and its checkpoints.
 //!
 //! Keys are shared between workers through proxy-wasm shared data: whoever
 //! fetches publishes `<fetched_at>\n<document>` under `phi_guard.jwks.<name>`,
@@ -13,7 +13,7 @@ use std::time::Duration;
 use proxy_wasm::types::{BufferType, MapType};
 
 use crate::answer::Reason;
-use crate::audit::AuditChain;
+use crate::audit::{AuditChain, CheckpointSchedule};
 use crate::config::Policy;
 use crate::decision::{self, Request, Trace, Verdict};
 use crate::jwks::{Availability, CacheClock, KeySet, MAX_JWKS_BYTES};
@@ -61,6 +61,8 @@ pub struct Worker {
     callouts: Vec<(u32, usize)>,
     pub metrics: Metrics,
     pub chain: AuditChain,
+    /// When the chain's head next goes to Envoy's log.
+    checkpoints: CheckpointSchedule,
     last_sync_ms: u64,
     /// Callouts are dispatched only from the root context's own callbacks:
     /// Envoy cancels a context's callouts when it ends, and the SDK hands a
@@ -96,6 +98,7 @@ impl Worker {
             .collect();
         Worker {
             cache: TokenCache::new(policy.verified_token_cache_size),
+            checkpoints: CheckpointSchedule::new(policy.audit_checkpoint_seconds),
             policy,
             providers,
             waiters: Vec::new(),
@@ -451,6 +454,20 @@ impl Worker {
             .partition(|w| w.deadline_ms <= now_ms);
         self.waiters = waiting;
         (ready, expired)
+    }
+
+    /// Writes the audit chain's head to Envoy's log (info) when one is due,
+    /// or, with `stopping`, whatever the chain did since the last. A VM that
+    /// decided nothing (the main thread's) has nothing to vouch for.
+    pub fn checkpoint(&mut self, now_ms: u64, stopping: bool) {
+        let due = if stopping {
+            self.checkpoints.last(&self.chain, now_ms)
+        } else {
+            self.checkpoints.due(&self.chain, now_ms)
+        };
+        if let Some(checkpoint) = due {
+            log::info!("{}", checkpoint.line());
+        }
     }
 
     /// Takes the waiters of `provider` out of the list.
