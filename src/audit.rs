@@ -1093,6 +1093,12 @@ mod checkpoint_tests {
     }
 
     fn run(pairs: u64, b_pairs: u64) -> Run {
+        run_with(pairs, b_pairs, None)
+    }
+
+    /// [`run`], with `a`'s request of pair `in_flight` decided at T (so
+    /// long-running that it is logged among the requests of its pair).
+    fn run_with(pairs: u64, b_pairs: u64, in_flight: Option<u64>) -> Run {
         let mut chains = [
             AuditChain::new("a".into(), None),
             AuditChain::new("b".into(), None),
@@ -1107,8 +1113,13 @@ mod checkpoint_tests {
                 if j == 1 && i >= b_pairs {
                     continue;
                 }
+                let decided = if j == 0 && in_flight == Some(i) {
+                    T
+                } else {
+                    T + (20 * i + 10 * j as u64) * 1000
+                };
                 let mut r = AuditRecord {
-                    ts: rfc3339_millis((T + (20 * i + 10 * j as u64) * 1000) * 1_000_000),
+                    ts: rfc3339_millis(decided * 1_000_000),
                     decision: "allow".into(),
                     reason: "ok".into(),
                     method: "GET".into(),
@@ -1273,6 +1284,17 @@ mod checkpoint_tests {
                 "chain wholly before the rotation",
                 || run(8, 2),
                 &|r| drop(r.access.drain(..6)),
+                true,
+                ok(2, 4, &[]),
+            ),
+            // The same, but the new file's first record was decided 80 s before
+            // it was logged (in flight across the rotation): the log seems to
+            // begin at T, before b's checkpoints at T+20 s (seq 1) and T+60 s
+            // (seq 3), which must not be taken to prove b's records are gone.
+            (
+                "chain wholly before the rotation, request in flight across it",
+                || run_with(8, 3, Some(4)),
+                &|r| drop(r.access.drain(..7)),
                 true,
                 ok(2, 4, &[]),
             ),
