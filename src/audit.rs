@@ -1,8 +1,9 @@
-//! The audit record of one decision, its tamper-evident chain, and the
-//! verifier the `phi-guard audit verify` command runs. Never the token, the
-//! query string, a body, or claims beyond the identifiers named here.
+//! The audit record of one decision, its tamper-evident chain, the
+//! checkpoints that vouch for a chain's length, and the verifier the
+//! `phi-guard audit verify` command runs. Never the token, the query string,
+//! a body, or claims beyond the identifiers named here.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::BufRead;
 
@@ -158,6 +159,57 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// The inverse of [`civil_from_days`].
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 UTC time
+/// (`2026-01-01T00:00:00.123Z`, as [`rfc3339_millis`] writes; any fraction).
+pub fn parse_rfc3339_millis(ts: &str) -> Option<u64> {
+    let num = |at: usize, len: usize| -> Option<u32> {
+        let digits = ts.get(at..at + len)?;
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    };
+    let seps = [(4, "-"), (7, "-"), (10, "T"), (13, ":"), (16, ":")];
+    if seps
+        .iter()
+        .any(|(at, sep)| ts.get(*at..at + 1) != Some(*sep))
+    {
+        return None;
+    }
+    let (y, mo, d) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (h, mi, s) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let fraction = ts.get(19..)?.strip_suffix('Z')?;
+    let millis = match fraction.strip_prefix('.') {
+        None if fraction.is_empty() => 0,
+        None => return None,
+        Some(digits)
+            if (1..=9).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            format!("{:0<3}", digits.get(..digits.len().min(3))?)
+                .parse::<u64>()
+                .ok()?
+        }
+        Some(_) => return None,
+    };
+    let days = u64::try_from(days_from_civil(i64::from(y), mo, d)).ok()?;
+    let secs = days * 86_400 + u64::from(h) * 3600 + u64::from(mi) * 60 + u64::from(s);
+    Some(secs * 1000 + millis)
+}
+
 /// HMAC-SHA256 (RFC 2104).
 pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut block = [0u8; 64];
@@ -222,6 +274,31 @@ impl AuditChain {
         }
     }
 
+    /// The VM this chain belongs to.
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// The last record's `seq` (0 before the first).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The last record's `chain` value (all zeros before the first).
+    pub fn head(&self) -> String {
+        hex(&self.prev)
+    }
+
+    /// The chain's head as a checkpoint taken at `unix_ms`; none before the first record.
+    pub fn checkpoint(&self, unix_ms: u64) -> Option<Checkpoint> {
+        (self.seq > 0).then(|| Checkpoint {
+            vm: self.vm.clone(),
+            seq: self.seq,
+            chain: self.head(),
+            ts: rfc3339_millis(unix_ms.saturating_mul(1_000_000)),
+        })
+    }
+
     /// Numbers and links `record`, and returns its JSON line.
     pub fn seal(&mut self, record: &mut AuditRecord) -> String {
         record.bound();
@@ -247,6 +324,359 @@ impl AuditChain {
         }
         line
     }
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoints
+
+/// What a checkpoint line in Envoy's log starts with, after Envoy's own prefix.
+pub const CHECKPOINT_MARKER: &str = "phi-guard audit checkpoint ";
+
+/// A VM's chain head at a moment, written to Envoy's log (kept apart from the
+/// access log): the VM's records reach at least `seq`, and the record at
+/// `seq` carries `chain`. Nothing else: no token, claim or request detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub vm: String,
+    pub seq: u64,
+    pub chain: String,
+    /// When it was taken, RFC 3339 UTC with milliseconds.
+    pub ts: String,
+}
+
+impl Checkpoint {
+    /// The log line: the marker, then the checkpoint as one JSON object.
+    pub fn line(&self) -> String {
+        let json = serde_json::to_string(self).unwrap_or_default();
+        format!("{CHECKPOINT_MARKER}{json}")
+    }
+
+    /// The checkpoint on one line of Envoy's log, whatever Envoy put before it
+    /// (`[time][thread][info][wasm] [file:line] wasm log phi_guard phi_guard: `):
+    /// `None` when the line names no checkpoint, `Err` when it names one that
+    /// cannot be read. The JSON must run to the end of the line, so text that
+    /// merely contains the marker (a request header in an access-log line,
+    /// where quotes come escaped) is not taken for a checkpoint.
+    pub fn find(line: &str) -> Option<Result<Checkpoint, String>> {
+        let at = line.find(CHECKPOINT_MARKER)?;
+        let json = line.get(at + CHECKPOINT_MARKER.len()..)?.trim_end();
+        Some(
+            serde_json::from_str::<Checkpoint>(json)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.checked().map(|()| c)),
+        )
+    }
+
+    fn checked(&self) -> Result<(), String> {
+        if self.vm.is_empty() || self.vm.len() > MAX_FIELD {
+            return Err("vm is empty or too long".into());
+        }
+        if self.seq == 0 {
+            return Err("seq 0 (a chain with no records has no checkpoint)".into());
+        }
+        if decode_hex(&self.chain).is_none() {
+            return Err("chain is not 64 hex digits".into());
+        }
+        if parse_rfc3339_millis(&self.ts).is_none() {
+            return Err("ts is not an RFC 3339 UTC time".into());
+        }
+        Ok(())
+    }
+}
+
+/// When a VM writes its next checkpoint: once its chain has moved on since the
+/// last one, at most once per period. The first record is checkpointed on the
+/// first call after it, so a VM's records are vouched for within a period.
+#[derive(Debug)]
+pub struct CheckpointSchedule {
+    every_ms: u64,
+    last_ms: Option<u64>,
+    last_seq: u64,
+}
+
+impl CheckpointSchedule {
+    /// A checkpoint every `every_seconds` while the chain moves.
+    pub fn new(every_seconds: u64) -> CheckpointSchedule {
+        CheckpointSchedule {
+            every_ms: every_seconds.saturating_mul(1000),
+            last_ms: None,
+            last_seq: 0,
+        }
+    }
+
+    /// The checkpoint to write at `now_ms`, if one is due.
+    pub fn due(&mut self, chain: &AuditChain, now_ms: u64) -> Option<Checkpoint> {
+        let period_over = self
+            .last_ms
+            .is_none_or(|last| now_ms.saturating_sub(last) >= self.every_ms);
+        if period_over {
+            self.take(chain, now_ms)
+        } else {
+            None
+        }
+    }
+
+    /// The checkpoint to write as the VM stops, if the chain moved since the last.
+    pub fn last(&mut self, chain: &AuditChain, now_ms: u64) -> Option<Checkpoint> {
+        self.take(chain, now_ms)
+    }
+
+    fn take(&mut self, chain: &AuditChain, now_ms: u64) -> Option<Checkpoint> {
+        if chain.seq() <= self.last_seq {
+            return None;
+        }
+        self.last_ms = Some(now_ms);
+        self.last_seq = chain.seq();
+        chain.checkpoint(now_ms)
+    }
+}
+
+/// One checkpoint found in Envoy's log.
+#[derive(Debug, Clone)]
+struct Found {
+    /// 1-based line in the checkpoint log.
+    line: usize,
+    checkpoint: Checkpoint,
+    ts_ms: u64,
+}
+
+/// The checkpoints of an Envoy log, and the lines that named one unreadably.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpoints {
+    found: Vec<Found>,
+    /// Lines (1-based) holding the marker but no readable checkpoint: ignored,
+    /// since anything that puts the marker into Envoy's log could make them.
+    pub unreadable: Vec<usize>,
+}
+
+impl Checkpoints {
+    /// Reads every checkpoint in an Envoy log; other lines are skipped, and
+    /// bytes that are not UTF-8 are no reason to stop.
+    pub fn read(mut reader: impl BufRead) -> Result<Checkpoints, VerifyError> {
+        let mut out = Checkpoints::default();
+        let mut buf = Vec::new();
+        for n in 1.. {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(VerifyError {
+                        line: n,
+                        kind: Problem::Io,
+                        detail: e.to_string(),
+                    })
+                }
+            }
+            match Checkpoint::find(&String::from_utf8_lossy(&buf)) {
+                None => {}
+                Some(Ok(checkpoint)) => {
+                    let ts_ms = parse_rfc3339_millis(&checkpoint.ts).unwrap_or(0);
+                    out.found.push(Found {
+                        line: n,
+                        checkpoint,
+                        ts_ms,
+                    });
+                }
+                Some(Err(_)) => out.unreadable.push(n),
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many checkpoints were read.
+    pub fn len(&self) -> usize {
+        self.found.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
+
+    /// The `seq`s whose chain values the verifier must keep, per VM.
+    fn wanted(&self) -> HashMap<String, HashSet<u64>> {
+        let mut wanted: HashMap<String, HashSet<u64>> = HashMap::new();
+        for f in &self.found {
+            wanted
+                .entry(f.checkpoint.vm.clone())
+                .or_default()
+                .insert(f.checkpoint.seq);
+        }
+        wanted
+    }
+}
+
+/// How a log falls short of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortfall {
+    /// The chain's records end before its last checkpoint.
+    TailCut,
+    /// A checkpointed chain has no records at all.
+    ChainMissing,
+    /// The record at a checkpoint's `seq` carries another chain value.
+    ChainDiffers,
+}
+
+/// A checkpoint the access log does not live up to; `line` is the
+/// checkpoint's (1-based) in the checkpoint log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub line: usize,
+    pub kind: Shortfall,
+    pub vm: String,
+    pub detail: String,
+}
+
+impl fmt::Display for Gap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Shortfall::TailCut => "tail cut",
+            Shortfall::ChainMissing => "chain missing",
+            Shortfall::ChainDiffers => "chain differs",
+        };
+        write!(
+            f,
+            "line {}: {kind}: vm {}: {}",
+            self.line, self.vm, self.detail
+        )
+    }
+}
+
+/// What the checkpoints say of a log whose chains are intact.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completeness {
+    /// Checkpoints whose record is in the log with the same chain value.
+    pub matched: usize,
+    /// Checkpoints from before the log began (a rotated log, `start_anywhere`).
+    pub before_log: usize,
+    /// Chains with records that no checkpoint vouches for yet (written within
+    /// the last period, or Envoy's `wasm` log is not at info).
+    pub unvouched: Vec<String>,
+    /// Everything the log falls short of, in checkpoint-log order.
+    pub gaps: Vec<Gap>,
+}
+
+/// In a rotated log, how long after the log's first record a checkpoint must
+/// be for a chain absent from the log to be held to it: a request in flight
+/// across the rotation (decided before it, logged after) makes the first
+/// record older than the rotation by up to its duration.
+pub const ROTATION_SLACK_MS: u64 = 60_000;
+
+/// Holds what `verify_log` saw of each chain against the checkpoints.
+///
+/// A chain with records: every checkpoint at or above its first record's
+/// `seq` must match the record at that `seq` (`ChainDiffers` otherwise), and
+/// its highest checkpoint must not lie beyond its last record (`TailCut`).
+/// Checkpoints below its first record are `before_log` (only a rotated log,
+/// read with `start_anywhere`, starts above seq 1).
+///
+/// A checkpointed chain without records is `ChainMissing`, except in a rotated
+/// log: there it may wholly lie in an earlier file, so it is missing only if
+/// the checkpoints prove it had records sealed after this log began — a
+/// checkpoint written at least [`ROTATION_SLACK_MS`] after the log's earliest
+/// record, followed by one with a higher `seq`. Otherwise its checkpoints are
+/// `before_log`.
+fn check_checkpoints(
+    seen: &HashMap<String, ChainSeen>,
+    log_start_ms: Option<u64>,
+    checkpoints: &Checkpoints,
+    start_anywhere: bool,
+) -> Completeness {
+    let mut out = Completeness::default();
+    let mut by_vm: BTreeMap<&str, Vec<&Found>> = BTreeMap::new();
+    for f in &checkpoints.found {
+        by_vm.entry(f.checkpoint.vm.as_str()).or_default().push(f);
+    }
+    let mut vouched: HashSet<&str> = HashSet::new();
+    for (vm, mut cps) in by_vm {
+        cps.sort_by_key(|f| (f.checkpoint.seq, f.line));
+        let Some(highest) = cps.last() else {
+            continue;
+        };
+        let gap = |f: &Found, kind, detail| Gap {
+            line: f.line,
+            kind,
+            vm: vm.to_string(),
+            detail,
+        };
+        let Some(chain) = seen.get(vm) else {
+            let after_start = |f: &Found| {
+                log_start_ms.is_some_and(|t0| f.ts_ms >= t0.saturating_add(ROTATION_SLACK_MS))
+            };
+            let proven = cps.iter().any(|early| {
+                after_start(early)
+                    && cps
+                        .iter()
+                        .any(|later| later.checkpoint.seq > early.checkpoint.seq)
+            });
+            if !start_anywhere || proven {
+                out.gaps.push(gap(
+                    highest,
+                    Shortfall::ChainMissing,
+                    format!(
+                        "no records, but the checkpoint at {} says the chain reached seq {}",
+                        highest.checkpoint.ts, highest.checkpoint.seq
+                    ),
+                ));
+            } else {
+                out.before_log += cps.len();
+            }
+            continue;
+        };
+        for f in &cps {
+            let cp = &f.checkpoint;
+            if cp.seq < chain.first {
+                out.before_log += 1;
+                continue;
+            }
+            if cp.seq > chain.last {
+                continue;
+            }
+            match chain.at.get(&cp.seq).map(|c| hex(c)) {
+                Some(c) if c == cp.chain => {
+                    out.matched += 1;
+                    vouched.insert(vm);
+                }
+                found => out.gaps.push(gap(
+                    f,
+                    Shortfall::ChainDiffers,
+                    format!(
+                        "the record at seq {} has chain {}, the checkpoint at {} says {}",
+                        cp.seq,
+                        found.as_deref().map_or("(none)", short),
+                        cp.ts,
+                        short(&cp.chain)
+                    ),
+                )),
+            }
+        }
+        if highest.checkpoint.seq > chain.last {
+            out.gaps.push(gap(
+                highest,
+                Shortfall::TailCut,
+                format!(
+                    "records end at seq {}, but the checkpoint at {} says the chain reached seq {}",
+                    chain.last, highest.checkpoint.ts, highest.checkpoint.seq
+                ),
+            ));
+        }
+    }
+    let mut unvouched: Vec<String> = seen
+        .keys()
+        .filter(|vm| !vouched.contains(vm.as_str()))
+        .cloned()
+        .collect();
+    unvouched.sort();
+    out.unvouched = unvouched;
+    out.gaps.sort_by_key(|g| g.line);
+    out
+}
+
+/// The first 16 hex digits of a chain value, for messages.
+fn short(chain: &str) -> &str {
+    chain.get(..16).unwrap_or(chain)
 }
 
 // ---------------------------------------------------------------------------
@@ -330,7 +760,49 @@ pub fn verify_log(
     key: Option<&[u8]>,
     start_anywhere: bool,
 ) -> Result<VerifySummary, VerifyError> {
-    let mut chains: HashMap<String, (u64, [u8; 32])> = HashMap::new();
+    verify_chains(reader, key, start_anywhere, &HashMap::new()).map(|seen| seen.summary)
+}
+
+/// [`verify_log`], then the intact log held against the checkpoints of
+/// Envoy's log (see [`Completeness`]): a damaged chain is the error, as there;
+/// a log that falls short of its checkpoints has `gaps`.
+pub fn verify_log_with_checkpoints(
+    reader: impl BufRead,
+    key: Option<&[u8]>,
+    start_anywhere: bool,
+    checkpoints: &Checkpoints,
+) -> Result<(VerifySummary, Completeness), VerifyError> {
+    let seen = verify_chains(reader, key, start_anywhere, &checkpoints.wanted())?;
+    let completeness =
+        check_checkpoints(&seen.chains, seen.earliest_ms, checkpoints, start_anywhere);
+    Ok((seen.summary, completeness))
+}
+
+/// What the log showed of one chain.
+#[derive(Debug, Default)]
+struct ChainSeen {
+    first: u64,
+    last: u64,
+    prev: [u8; 32],
+    /// Chain values at the `seq`s a checkpoint names.
+    at: HashMap<u64, [u8; 32]>,
+}
+
+/// What the log showed: totals, each chain, and its earliest record's time.
+struct Seen {
+    summary: VerifySummary,
+    chains: HashMap<String, ChainSeen>,
+    earliest_ms: Option<u64>,
+}
+
+fn verify_chains(
+    reader: impl BufRead,
+    key: Option<&[u8]>,
+    start_anywhere: bool,
+    wanted: &HashMap<String, HashSet<u64>>,
+) -> Result<Seen, VerifyError> {
+    let mut chains: HashMap<String, ChainSeen> = HashMap::new();
+    let mut earliest_ms: Option<u64> = None;
     let mut records = 0;
     let mut skipped = 0;
     for (i, line) in reader.lines().enumerate() {
@@ -365,7 +837,7 @@ pub fn verify_log(
             kind,
             detail,
         };
-        match chains.get(&record.vm).copied() {
+        match chains.get(&record.vm) {
             None if record.seq == 1 || start_anywhere => {
                 if record.seq == 1 && link(key, &[0; 32], &bytes) != claimed {
                     return Err(err(
@@ -380,7 +852,8 @@ pub fn verify_log(
                     format!("vm {} starts at seq {}, not 1", record.vm, record.seq),
                 ));
             }
-            Some((last, prev)) => {
+            Some(seen) => {
+                let last = seen.last;
                 if record.seq <= last {
                     return Err(err(
                         Problem::Reordered,
@@ -393,7 +866,7 @@ pub fn verify_log(
                         format!("vm {} seq {} after {last}", record.vm, record.seq),
                     ));
                 }
-                if link(key, &prev, &bytes) != claimed {
+                if link(key, &seen.prev, &bytes) != claimed {
                     return Err(err(
                         Problem::Edited,
                         format!(
@@ -404,13 +877,31 @@ pub fn verify_log(
                 }
             }
         }
-        chains.insert(record.vm.clone(), (record.seq, claimed));
+        if let Some(ms) = parse_rfc3339_millis(&record.ts) {
+            earliest_ms = Some(earliest_ms.map_or(ms, |e| e.min(ms)));
+        }
+        let keep = wanted
+            .get(&record.vm)
+            .is_some_and(|seqs| seqs.contains(&record.seq));
+        let seen = chains.entry(record.vm).or_insert_with(|| ChainSeen {
+            first: record.seq,
+            ..ChainSeen::default()
+        });
+        seen.last = record.seq;
+        seen.prev = claimed;
+        if keep {
+            seen.at.insert(record.seq, claimed);
+        }
         records += 1;
     }
-    Ok(VerifySummary {
-        records,
-        vms: chains.len(),
-        skipped_lines: skipped,
+    Ok(Seen {
+        summary: VerifySummary {
+            records,
+            vms: chains.len(),
+            skipped_lines: skipped,
+        },
+        chains,
+        earliest_ms,
     })
 }
 
@@ -579,6 +1070,519 @@ mod tests {
     }
 }
 
+/// Checkpoints: the line Envoy's log carries, the schedule, and the log held
+/// against them (tail cut, chain removed, rotated, chain rewritten).
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+
+    /// 2026-01-01T00:00:00Z.
+    const T: u64 = 1_767_225_600_000;
+
+    fn envoy_line(text: &str) -> String {
+        format!("[2026-01-01 00:00:00.000][17][info][wasm] [source/extensions/common/wasm/context.cc:1192] wasm log phi_guard phi_guard: {text}")
+    }
+
+    /// Two VMs, `a` serving `pairs` requests and `b` the first `b_pairs` of
+    /// them, interleaved, 10 s apart; after each pair both VMs are asked for a
+    /// checkpoint (40 s period), so they are taken at seq 1, 3, 5, ...
+    /// at T+20 s, T+60 s, T+100 s, ... Envoy's log holds them amid noise.
+    struct Run {
+        access: Vec<String>,
+        envoy: Vec<String>,
+    }
+
+    fn run(pairs: u64, b_pairs: u64) -> Run {
+        run_with(pairs, b_pairs, None)
+    }
+
+    /// [`run`], with `a`'s request of pair `in_flight` decided at T (so
+    /// long-running that it is logged among the requests of its pair).
+    fn run_with(pairs: u64, b_pairs: u64, in_flight: Option<u64>) -> Run {
+        let mut chains = [
+            AuditChain::new("a".into(), None),
+            AuditChain::new("b".into(), None),
+        ];
+        let mut schedules = [CheckpointSchedule::new(40), CheckpointSchedule::new(40)];
+        let mut access = Vec::new();
+        let mut envoy = vec![
+            "[2026-01-01 00:00:00.000][1][info][main] [source/server/server.cc:1000] starting main dispatch loop".to_string(),
+        ];
+        for i in 0..pairs {
+            for (j, chain) in chains.iter_mut().enumerate() {
+                if j == 1 && i >= b_pairs {
+                    continue;
+                }
+                let decided = if j == 0 && in_flight == Some(i) {
+                    T
+                } else {
+                    T + (20 * i + 10 * j as u64) * 1000
+                };
+                let mut r = AuditRecord {
+                    ts: rfc3339_millis(decided * 1_000_000),
+                    decision: "allow".into(),
+                    reason: "ok".into(),
+                    method: "GET".into(),
+                    path: format!("/p/{i}"),
+                    ..AuditRecord::default()
+                };
+                let line = chain.seal(&mut r);
+                access.push(serde_json::json!({"time": "x", "audit": line}).to_string());
+                // Envoy's log also gets the stdout access log in some setups.
+                envoy.push(serde_json::json!({"time": "x", "audit": line}).to_string());
+            }
+            let now = T + 20 * (i + 1) * 1000;
+            for (chain, schedule) in chains.iter().zip(schedules.iter_mut()) {
+                if let Some(cp) = schedule.due(chain, now) {
+                    envoy.push(envoy_line(&cp.line()));
+                }
+            }
+            envoy.push(format!("[2026-01-01 00:00:00.000][17][info][wasm] [source/extensions/common/wasm/context.cc:1192] wasm log phi_guard phi_guard: provider idp: 2 keys loaded ({i})"));
+        }
+        Run { access, envoy }
+    }
+
+    fn standard() -> Run {
+        run(8, 8)
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Want {
+        Damaged(Problem),
+        Checked {
+            matched: usize,
+            before_log: usize,
+            gaps: Vec<(Shortfall, &'static str)>,
+        },
+    }
+
+    fn ok(matched: usize, before_log: usize, gaps: &[(Shortfall, &'static str)]) -> Want {
+        Want::Checked {
+            matched,
+            before_log,
+            gaps: gaps.to_vec(),
+        }
+    }
+
+    fn outcome(run: &Run, start_anywhere: bool) -> (Want, Option<Completeness>) {
+        let checkpoints = Checkpoints::read(run.envoy.join("\n").as_bytes()).unwrap();
+        let access = run.access.join("\n");
+        match verify_log_with_checkpoints(access.as_bytes(), None, start_anywhere, &checkpoints) {
+            Err(e) => (Want::Damaged(e.kind), None),
+            Ok((_, c)) => (
+                Want::Checked {
+                    matched: c.matched,
+                    before_log: c.before_log,
+                    gaps: c
+                        .gaps
+                        .iter()
+                        .map(|g| (g.kind, if g.vm == "a" { "a" } else { "b" }))
+                        .collect(),
+                },
+                Some(c),
+            ),
+        }
+    }
+
+    fn drop_vm(lines: &mut Vec<String>, vm: &str, from_seq: u64) {
+        lines.retain(|l| {
+            let r = find_record(l).unwrap().unwrap();
+            r.vm != vm || r.seq < from_seq
+        });
+    }
+
+    fn edit_checkpoint(run: &mut Run, vm: &str, seq: u64, edit: &dyn Fn(&mut Checkpoint)) {
+        let line = run
+            .envoy
+            .iter_mut()
+            .find(|l| l.contains(&format!(r#"{{"vm":"{vm}","seq":{seq},"#)))
+            .unwrap();
+        let mut cp = Checkpoint::find(line).unwrap().unwrap();
+        edit(&mut cp);
+        *line = envoy_line(&cp.line());
+    }
+
+    use Shortfall::{ChainDiffers, ChainMissing, TailCut};
+
+    #[test]
+    fn logs_held_against_their_checkpoints() {
+        type Edit = &'static dyn Fn(&mut Run);
+        /// Name, the run, what is done to its logs, `start_anywhere`, the verdict.
+        type Case = (&'static str, fn() -> Run, Edit, bool, Want);
+        let cases: Vec<Case> = vec![
+            ("intact", standard, &|_| {}, false, ok(8, 0, &[])),
+            (
+                "intact, start anywhere",
+                standard,
+                &|_| {},
+                true,
+                ok(8, 0, &[]),
+            ),
+            // The limit: records after the last checkpoint are vouched for by none.
+            (
+                "cut after the last checkpoint",
+                standard,
+                &|r| drop_vm(&mut r.access, "a", 8),
+                false,
+                ok(8, 0, &[]),
+            ),
+            (
+                "tail cut",
+                standard,
+                &|r| drop_vm(&mut r.access, "a", 6),
+                false,
+                ok(7, 0, &[(TailCut, "a")]),
+            ),
+            (
+                "tail cut, start anywhere",
+                standard,
+                &|r| drop_vm(&mut r.access, "a", 2),
+                true,
+                ok(5, 0, &[(TailCut, "a")]),
+            ),
+            (
+                "whole chain removed",
+                standard,
+                &|r| drop_vm(&mut r.access, "b", 1),
+                false,
+                ok(4, 0, &[(ChainMissing, "b")]),
+            ),
+            (
+                "everything removed",
+                standard,
+                &|r| r.access.clear(),
+                false,
+                ok(0, 0, &[(ChainMissing, "a"), (ChainMissing, "b")]),
+            ),
+            // A rotated log: the head is in an earlier file.
+            (
+                "rotated",
+                standard,
+                &|r| drop(r.access.drain(..6)),
+                false,
+                Want::Damaged(Problem::Missing),
+            ),
+            (
+                "rotated, start anywhere",
+                standard,
+                &|r| drop(r.access.drain(..6)),
+                true,
+                ok(4, 4, &[]),
+            ),
+            (
+                "rotated and tail cut, start anywhere",
+                standard,
+                &|r| {
+                    r.access.drain(..6);
+                    drop_vm(&mut r.access, "a", 7);
+                },
+                true,
+                ok(3, 4, &[(TailCut, "a")]),
+            ),
+            // b served only before the rotation: its chain is wholly in the earlier file.
+            (
+                "chain wholly before the rotation",
+                || run(8, 2),
+                &|r| drop(r.access.drain(..6)),
+                true,
+                ok(2, 4, &[]),
+            ),
+            // The same, but the new file's first record was decided 80 s before
+            // it was logged (in flight across the rotation): the log seems to
+            // begin at T, before b's checkpoints at T+20 s (seq 1) and T+60 s
+            // (seq 3), which must not be taken to prove b's records are gone.
+            (
+                "chain wholly before the rotation, request in flight across it",
+                || run_with(8, 3, Some(4)),
+                &|r| drop(r.access.drain(..7)),
+                true,
+                ok(2, 4, &[]),
+            ),
+            // b served long after the rotation, and its records since are gone:
+            // its checkpoint at T+140 s (seq 7) is 80 s after the log's first
+            // record (T+60 s) and a later one says seq 9.
+            (
+                "chain removed after the rotation, start anywhere",
+                || run(12, 12),
+                &|r| {
+                    r.access.drain(..6);
+                    drop_vm(&mut r.access, "b", 1);
+                },
+                true,
+                ok(4, 2, &[(ChainMissing, "b")]),
+            ),
+            (
+                "checkpoint chain differs",
+                standard,
+                &|r| edit_checkpoint(r, "a", 3, &|c| c.chain = "0".repeat(64)),
+                false,
+                ok(7, 0, &[(ChainDiffers, "a")]),
+            ),
+            (
+                // Without a key anyone can write a consistent chain from scratch;
+                // the checkpoints still know the real one.
+                "unkeyed chain rewritten",
+                standard,
+                &|r| {
+                    let mut forged = AuditChain::new("a".into(), None);
+                    for line in r.access.iter_mut() {
+                        let mut rec = find_record(line).unwrap().unwrap();
+                        if rec.vm == "a" {
+                            if rec.seq == 2 {
+                                rec.path = "/elsewhere".into();
+                            }
+                            *line = serde_json::json!({"audit": forged.seal(&mut rec)}).to_string();
+                        }
+                    }
+                },
+                false,
+                ok(
+                    5,
+                    0,
+                    &[
+                        (ChainDiffers, "a"),
+                        (ChainDiffers, "a"),
+                        (ChainDiffers, "a"),
+                    ],
+                ),
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (name, make, edit, start_anywhere, want) in cases {
+            let mut r = make();
+            edit(&mut r);
+            let got = outcome(&r, start_anywhere).0;
+            if got != want {
+                wrong.push(format!("{name}: got {got:?}, want {want:?}"));
+            }
+        }
+        assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn rotated_log_needs_start_anywhere_for_a_chain_wholly_before_it() {
+        let mut r = run(8, 2);
+        r.access.drain(..6);
+        assert_eq!(outcome(&r, false).0, Want::Damaged(Problem::Missing));
+        // Without the rotation, b's two records are there and checkpointed.
+        assert_eq!(outcome(&run(8, 2), false).0, ok(6, 0, &[]));
+    }
+
+    #[test]
+    fn gaps_name_the_chain_and_the_checkpoint_line() {
+        let mut r = standard();
+        drop_vm(&mut r.access, "a", 6);
+        drop_vm(&mut r.access, "b", 1);
+        let (_, c) = outcome(&r, false);
+        let gaps: Vec<String> = c.unwrap().gaps.iter().map(ToString::to_string).collect();
+        let line_of = |vm: &str, seq: u64| {
+            1 + r
+                .envoy
+                .iter()
+                .position(|l| l.contains(&format!(r#"{{"vm":"{vm}","seq":{seq},"#)))
+                .unwrap()
+        };
+        assert_eq!(
+            gaps,
+            [
+                format!("line {}: tail cut: vm a: records end at seq 5, but the checkpoint at 2026-01-01T00:02:20.000Z says the chain reached seq 7", line_of("a", 7)),
+                format!("line {}: chain missing: vm b: no records, but the checkpoint at 2026-01-01T00:02:20.000Z says the chain reached seq 7", line_of("b", 7)),
+            ]
+        );
+    }
+
+    #[test]
+    fn unvouched_chains_are_named() {
+        // No checkpoint at all (Envoy's wasm log not at info): intact, nothing vouched for.
+        let mut r = standard();
+        r.envoy.retain(|l| !l.contains(CHECKPOINT_MARKER));
+        let (want, c) = outcome(&r, false);
+        assert_eq!(want, ok(0, 0, &[]));
+        assert_eq!(c.unwrap().unvouched, ["a", "b"]);
+        let (_, c) = outcome(&standard(), false);
+        assert!(c.unwrap().unvouched.is_empty());
+    }
+
+    #[test]
+    fn checkpoint_lines_are_found_amid_envoy_noise() {
+        let cp = Checkpoint {
+            vm: "18c0ffee-2".into(),
+            seq: 42,
+            chain: "ab".repeat(32),
+            ts: "2026-01-01T00:00:10.250Z".into(),
+        };
+        let line = cp.line();
+        assert_eq!(
+            line,
+            format!(
+                r#"phi-guard audit checkpoint {{"vm":"18c0ffee-2","seq":42,"chain":"{}","ts":"2026-01-01T00:00:10.250Z"}}"#,
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(Checkpoint::find(&line), Some(Ok(cp.clone())));
+        assert_eq!(Checkpoint::find(&envoy_line(&line)), Some(Ok(cp.clone())));
+        assert_eq!(
+            Checkpoint::find(&format!("{}\r\n", envoy_line(&line))),
+            Some(Ok(cp.clone()))
+        );
+        for noise in [
+            "",
+            "[2026-01-01 00:00:00.000][1][info][main] [source/server/server.cc:1000] starting main dispatch loop",
+            &envoy_line("provider idp: 2 keys loaded"),
+            r#"{"time":"x","audit":"{\"vm\":\"a\",\"seq\":1,\"chain\":\"00\"}"}"#,
+        ] {
+            assert_eq!(Checkpoint::find(noise), None, "{noise}");
+        }
+        // Lines that name a checkpoint but hold none that can be read.
+        let json = serde_json::to_value(&cp).unwrap();
+        let with = |field: &str, value: serde_json::Value| {
+            let mut v = json.clone();
+            v[field] = value;
+            envoy_line(&format!("{CHECKPOINT_MARKER}{v}"))
+        };
+        for bad in [
+            envoy_line(CHECKPOINT_MARKER),
+            envoy_line(&format!("{line} trailing")),
+            envoy_line(&line.replace("}", ",\"extra\":1}")),
+            with("seq", 0.into()),
+            with("seq", "42".into()),
+            with("vm", "".into()),
+            with("chain", "ab".into()),
+            with("chain", "zz".repeat(32).into()),
+            with("ts", "yesterday".into()),
+            with("ts", "2026-01-01 00:00:10Z".into()),
+            // The marker inside an access-log line (a request header, say): quotes come escaped.
+            serde_json::json!({"request_id": line}).to_string(),
+        ] {
+            assert!(matches!(Checkpoint::find(&bad), Some(Err(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unreadable_checkpoint_lines_are_counted_and_ignored() {
+        let mut r = standard();
+        r.envoy
+            .insert(3, envoy_line(&format!("{CHECKPOINT_MARKER}{{\"vm\":")));
+        r.envoy
+            .push(envoy_line(&format!("{CHECKPOINT_MARKER}not json")));
+        let checkpoints = Checkpoints::read(r.envoy.join("\n").as_bytes()).unwrap();
+        assert_eq!(checkpoints.unreadable, [4, r.envoy.len()]);
+        assert_eq!(checkpoints.len(), 8);
+        assert_eq!(outcome(&r, false).0, ok(8, 0, &[]));
+        // Bytes that are not UTF-8 in Envoy's log are no reason to stop reading it.
+        let mut raw = b"\xff\xfe garbage\n".to_vec();
+        raw.extend_from_slice(standard().envoy.join("\n").as_bytes());
+        assert_eq!(Checkpoints::read(raw.as_slice()).unwrap().len(), 8);
+    }
+
+    #[test]
+    fn schedule_checkpoints_a_moving_chain_once_a_period() {
+        let mut chain = AuditChain::new("v".into(), None);
+        let mut s = CheckpointSchedule::new(10);
+        let seal = |chain: &mut AuditChain| {
+            chain.seal(&mut AuditRecord::default());
+        };
+        // Nothing to vouch for before the first record.
+        assert_eq!(s.due(&chain, T), None);
+        assert_eq!(s.last(&chain, T), None);
+        seal(&mut chain);
+        // The first record is checkpointed at once.
+        let first = s.due(&chain, T + 100).unwrap();
+        assert_eq!((first.vm.as_str(), first.seq), ("v", 1));
+        assert_eq!(first.chain, chain.head());
+        assert_eq!(first.ts, "2026-01-01T00:00:00.100Z");
+        seal(&mut chain);
+        // Then at most once a period...
+        assert_eq!(s.due(&chain, T + 9_999), None);
+        assert_eq!(s.due(&chain, T + 10_100).map(|c| c.seq), Some(2));
+        // ...and only when the chain moved.
+        assert_eq!(s.due(&chain, T + 60_000), None);
+        seal(&mut chain);
+        assert_eq!(s.due(&chain, T + 60_001).map(|c| c.seq), Some(3));
+        // As the VM stops: whatever moved since the last, period or not.
+        seal(&mut chain);
+        assert_eq!(s.last(&chain, T + 60_002).map(|c| c.seq), Some(4));
+        assert_eq!(s.last(&chain, T + 60_003), None);
+        assert_eq!(chain.vm(), "v");
+        assert_eq!(chain.seq(), 4);
+    }
+
+    proptest::proptest! {
+        /// Any cut of a chain's tail that reaches a checkpointed record is
+        /// reported, naming that chain and no other; a cut past every
+        /// checkpoint is the documented limit and goes unseen.
+        #[test]
+        fn every_cut_reaching_a_checkpoint_is_reported(
+            pairs in 1u64..12,
+            vm in proptest::sample::select(vec!["a", "b"]),
+            from in 1u64..13,
+            start_anywhere in proptest::bool::ANY,
+        ) {
+            let mut r = run(pairs, pairs);
+            drop_vm(&mut r.access, vm, from);
+            let checkpoints = Checkpoints::read(r.envoy.join("\n").as_bytes()).unwrap();
+            let highest = checkpoints.found
+                .iter().filter(|f| f.checkpoint.vm == vm).map(|f| f.checkpoint.seq).max().unwrap();
+            let (want, _) = outcome(&r, start_anywhere);
+            let Want::Checked { gaps, .. } = want else {
+                panic!("chains are intact: {want:?}");
+            };
+            let named: Vec<_> = gaps.iter().filter(|(_, v)| *v == vm).cloned().collect();
+            proptest::prop_assert_eq!(gaps.len(), named.len(), "only the cut chain is named");
+            if from == 1 && start_anywhere {
+                // A whole chain gone from a rotated log: the rotation rule's
+                // own cases are in the table above.
+            } else if from <= highest {
+                let kind = if from == 1 { ChainMissing } else { TailCut };
+                proptest::prop_assert_eq!(named, vec![(kind, vm)]);
+            } else {
+                proptest::prop_assert!(named.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn rfc3339_round_trip() {
+        for ms in [
+            0,
+            1,
+            999,
+            86_399_999,
+            951_782_400_000,
+            T,
+            T + 123,
+            4_102_444_800_000,
+        ] {
+            let ts = rfc3339_millis(ms * 1_000_000);
+            assert_eq!(parse_rfc3339_millis(&ts), Some(ms), "{ts}");
+        }
+        assert_eq!(parse_rfc3339_millis("2026-01-01T00:00:00Z"), Some(T));
+        assert_eq!(
+            parse_rfc3339_millis("2026-01-01T00:00:00.5Z"),
+            Some(T + 500)
+        );
+        assert_eq!(
+            parse_rfc3339_millis("2026-01-01T00:00:00.123456789Z"),
+            Some(T + 123)
+        );
+        for bad in [
+            "",
+            "2026-01-01",
+            "2026-01-01T00:00:00",
+            "2026-01-01T00:00:00+01:00",
+            "2026-13-01T00:00:00Z",
+            "2026-01-01T24:00:00Z",
+            "2026-01-01T00:00:00.Z",
+            "2026-01-01T00:00:00.1234567890Z",
+            "+026-01-01T00:00:00Z",
+            "2026-01-01T00:00:00.-1Z",
+            "1969-12-31T23:59:59Z",
+        ] {
+            assert_eq!(parse_rfc3339_millis(bad), None, "{bad}");
+        }
+    }
+}
+
 /// Hostile logs, generated: verification answers (no panic) and never calls
 /// a forged record intact.
 #[cfg(test)]
@@ -596,8 +1600,39 @@ mod hostile {
         ]
     }
 
+    fn checkpoint_line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,80}",
+            (any::<u64>(), "[a-f0-9]{0,64}", "[ -~]{0,12}", "[0-9:TZ.-]{0,26}").prop_map(|(seq, chain, vm, ts)| format!(
+                r#"[x][1][info][wasm] wasm log p p: {CHECKPOINT_MARKER}{{"vm":"{vm}","seq":{seq},"chain":"{chain}","ts":"{ts}"}}"#
+            )),
+            ("[a-c]", 1u64..4, 0u64..200_000).prop_map(|(vm, seq, ms)| Checkpoint {
+                vm,
+                seq,
+                chain: "0".repeat(64),
+                ts: rfc3339_millis(ms * 1_000_000),
+            }.line()),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn hostile_checkpoint_logs_are_answered(
+            lines in prop::collection::vec(line(), 0..6),
+            marks in prop::collection::vec(checkpoint_line(), 0..6),
+            anywhere in any::<bool>(),
+        ) {
+            let checkpoints = Checkpoints::read(marks.join("\n").as_bytes()).unwrap();
+            let text = lines.join("\n");
+            if let Ok((summary, c)) = verify_log_with_checkpoints(text.as_bytes(), None, anywhere, &checkpoints) {
+                // A checkpoint is matched, from before the log, or part of a gap.
+                prop_assert!(c.matched + c.before_log <= checkpoints.len());
+                prop_assert!(c.gaps.len() <= checkpoints.len());
+                prop_assert!(c.unvouched.len() <= summary.vms);
+            }
+        }
 
         #[test]
         fn hostile_logs_are_answered(lines in prop::collection::vec(line(), 0..6), anywhere in any::<bool>()) {

@@ -86,11 +86,22 @@ struct RawRevocation {
     max_stale_seconds: u64,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     #[serde(default)]
     hmac_key_env: Option<String>,
+    #[serde(default = "defaults::checkpoint_seconds")]
+    checkpoint_seconds: u64,
+}
+
+impl Default for RawAudit {
+    fn default() -> RawAudit {
+        RawAudit {
+            hmac_key_env: None,
+            checkpoint_seconds: defaults::checkpoint_seconds(),
+        }
+    }
 }
 
 #[derive(Deserialize, Clone)]
@@ -211,6 +222,9 @@ mod defaults {
     pub fn revocation_max_stale() -> u64 {
         300
     }
+    pub fn checkpoint_seconds() -> u64 {
+        10
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -238,6 +252,8 @@ pub struct Policy {
     pub audit_hmac_key_env: Option<String>,
     /// Where the revocation list comes from, if one is used.
     pub revocation: Option<FetchSource>,
+    /// How often each VM writes its audit chain's head to Envoy's log.
+    pub audit_checkpoint_seconds: u64,
 }
 
 /// Something the filter can forward to the upstream as a header.
@@ -348,6 +364,8 @@ const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_TOKEN_CACHE: usize = 1_000_000;
 /// More failures a second than a worker can check at all would bound nothing.
 const MAX_VERIFICATION_BUDGET: u32 = 100_000;
+/// An hour: a longer gap leaves too long a tail that no checkpoint vouches for.
+const MAX_CHECKPOINT_SECONDS: u64 = 3600;
 
 impl Policy {
     /// Parses and validates the filter configuration document.
@@ -503,9 +521,18 @@ impl Policy {
                 &|f| format!("revocation.{f}"),
             )?),
         };
+        // No 0 = off: switching off the completeness check would be a quiet
+        // weakening, and a checkpoint costs one log line per VM per period.
+        if !(1..=MAX_CHECKPOINT_SECONDS).contains(&raw.audit.checkpoint_seconds) {
+            return Err(err(
+                "audit.checkpoint_seconds",
+                format!("must be 1..={MAX_CHECKPOINT_SECONDS}"),
+            ));
+        }
         Ok(Policy {
             revocation,
             claims_to_headers,
+            audit_checkpoint_seconds: raw.audit.checkpoint_seconds,
             roles_claim: raw.roles_claim,
             role_scopes: raw.role_scopes,
             audit_hmac_key_env: raw.audit.hmac_key_env,
@@ -827,6 +854,41 @@ mod tests {
         assert_eq!(prov.jwks.authority, "idp.example.org:8443");
         assert_eq!(prov.jwks.path, "/keys?x=1");
         assert_eq!(prov.jwks.timeout_ms, 2000);
+        assert_eq!(p.audit_checkpoint_seconds, 10);
+    }
+
+    #[test]
+    fn checkpoint_seconds_range() {
+        let with = |audit: Value| {
+            let mut doc = base();
+            doc["audit"] = audit;
+            load(&doc)
+        };
+        for (audit, want) in [
+            (json!({}), Ok(10)),
+            (json!({"hmac_key_env": "K"}), Ok(10)),
+            (json!({"checkpoint_seconds": 1}), Ok(1)),
+            (json!({"checkpoint_seconds": 3600}), Ok(3600)),
+            (json!({"checkpoint_seconds": 0}), Err("must be 1..=3600")),
+            (json!({"checkpoint_seconds": 3601}), Err("must be 1..=3600")),
+        ] {
+            let got = with(audit.clone()).map(|p| p.audit_checkpoint_seconds);
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{audit}"),
+                (Err(e), Err(problem)) => {
+                    assert_eq!(e.field, "audit.checkpoint_seconds", "{audit}");
+                    assert_eq!(
+                        e.to_string(),
+                        format!("invalid configuration at `audit.checkpoint_seconds`: {problem}")
+                    );
+                }
+                (got, want) => panic!("{audit}: got {got:?}, want {want:?}"),
+            }
+        }
+        // Not a whole number of seconds: refused.
+        for bad in [json!(-1), json!(2.5), json!("10"), json!(null)] {
+            assert!(with(json!({"checkpoint_seconds": bad})).is_err());
+        }
     }
 
     #[test]
@@ -923,6 +985,10 @@ mod tests {
             (
                 &|d| d["audit"] = json!({"hmac_key_env": "A B"}),
                 "audit.hmac_key_env",
+            ),
+            (
+                &|d| d["audit"] = json!({"checkpoint_seconds": 0}),
+                "audit.checkpoint_seconds",
             ),
         ];
         for (edit, field) in cases {

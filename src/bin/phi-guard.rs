@@ -1,8 +1,10 @@
 //! The `phi-guard` command line, built on the same core as the filter.
 //!
-//! `phi-guard audit verify <access-log> [--key-env NAME] [--start-anywhere]`
-//! checks the audit chains in an Envoy access log: exit 0 when intact, 1 with
-//! the first damaged line, 2 on a usage error.
+//! `phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env NAME] [--start-anywhere]`
+//! checks the audit chains in an Envoy access log, and with `--checkpoints`
+//! that no chain ends before the heads its VM wrote to Envoy's log: exit 0
+//! when intact and complete, 1 with the first damaged line or every chain
+//! that falls short of its checkpoints, 2 on a usage error.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -11,14 +13,21 @@ use std::process::ExitCode;
 use phi_guard::audit;
 
 const USAGE: &str = "\
-usage: phi-guard audit verify <access-log> [--key-env NAME] [--start-anywhere]
+usage: phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env NAME] [--start-anywhere]
 
   audit verify   check the tamper-evident audit chains in an Envoy access log
                  (one JSON record per line, raw or inside a field such as \"audit\")
+  --checkpoints ENVOY-LOG
+                 hold the access log to the chain heads each VM wrote to Envoy's
+                 own log (audit.checkpoint_seconds): name every chain whose
+                 records end before its last checkpoint, every checkpointed
+                 chain with no records, and every record whose chain value
+                 differs from its checkpoint's
   --key-env NAME read the audit HMAC key from environment variable NAME
                  (the filter's audit.hmac_key_env)
   --start-anywhere
-                 accept a log that starts mid-chain (rotated); its first record is trusted
+                 accept a log that starts mid-chain (rotated); its first record is
+                 trusted, and checkpoints from before it are not held against it
 ";
 
 fn main() -> ExitCode {
@@ -41,6 +50,7 @@ fn usage_error(problem: &str) -> ExitCode {
 
 fn audit_verify(args: &[&str]) -> ExitCode {
     let mut file = None;
+    let mut checkpoints_file = None;
     let mut key_env = None;
     let mut start_anywhere = false;
     let mut rest = args.iter();
@@ -49,6 +59,13 @@ fn audit_verify(args: &[&str]) -> ExitCode {
             "--key-env" => match rest.next() {
                 Some(name) => key_env = Some(*name),
                 None => return usage_error("--key-env needs a variable name"),
+            },
+            "--checkpoints" => match rest.next() {
+                Some(_) if checkpoints_file.is_some() => {
+                    return usage_error("one --checkpoints file, please")
+                }
+                Some(path) => checkpoints_file = Some(*path),
+                None => return usage_error("--checkpoints needs Envoy's log file"),
             },
             "--start-anywhere" => start_anywhere = true,
             flag if flag.starts_with("--") => {
@@ -68,24 +85,80 @@ fn audit_verify(args: &[&str]) -> ExitCode {
             _ => return usage_error(&format!("environment variable {name} is not set")),
         },
     };
-    let reader = match File::open(path) {
-        Ok(f) => BufReader::new(f),
-        Err(e) => {
-            eprintln!("phi-guard: cannot open {path}: {e}");
-            return ExitCode::from(2);
-        }
+    let checkpoints = match checkpoints_file.map(read_checkpoints).transpose() {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    match audit::verify_log(reader, key.as_deref(), start_anywhere) {
-        Ok(s) => {
-            println!(
-                "ok: {} records from {} workers ({} other lines skipped)",
-                s.records, s.vms, s.skipped_lines
-            );
-            ExitCode::SUCCESS
-        }
+    let reader = match open(path) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let Some((cp_path, checkpoints)) = checkpoints_file.zip(checkpoints) else {
+        return match audit::verify_log(reader, key.as_deref(), start_anywhere) {
+            Ok(s) => {
+                print_ok(&s);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{path}: {e}");
+                ExitCode::from(1)
+            }
+        };
+    };
+    if let (Some(first), n) = (checkpoints.unreadable.first(), checkpoints.unreadable.len()) {
+        eprintln!("{cp_path}: warning: {n} lines name a checkpoint but hold none that can be read (first: line {first}); ignored");
+    }
+    let (summary, complete) = match audit::verify_log_with_checkpoints(
+        reader,
+        key.as_deref(),
+        start_anywhere,
+        &checkpoints,
+    ) {
+        Ok(found) => found,
         Err(e) => {
             eprintln!("{path}: {e}");
-            ExitCode::from(1)
+            return ExitCode::from(1);
         }
+    };
+    for vm in &complete.unvouched {
+        eprintln!("{cp_path}: warning: vm {vm}: no checkpoint vouches for its records (written within the last audit.checkpoint_seconds, or Envoy's wasm log is not at info)");
     }
+    if !complete.gaps.is_empty() {
+        for gap in &complete.gaps {
+            eprintln!("{cp_path}: {gap}");
+        }
+        let n = complete.gaps.len();
+        let s = if n == 1 { "" } else { "s" };
+        eprintln!("{path}: incomplete: {n} problem{s} against the checkpoints in {cp_path}");
+        return ExitCode::from(1);
+    }
+    print_ok(&summary);
+    println!(
+        "ok: {} checkpoints matched ({} from before the log)",
+        complete.matched, complete.before_log
+    );
+    ExitCode::SUCCESS
+}
+
+fn print_ok(s: &audit::VerifySummary) {
+    println!(
+        "ok: {} records from {} workers ({} other lines skipped)",
+        s.records, s.vms, s.skipped_lines
+    );
+}
+
+/// A file to read, or exit 2 saying why not.
+fn open(path: &str) -> Result<BufReader<File>, ExitCode> {
+    File::open(path).map(BufReader::new).map_err(|e| {
+        eprintln!("phi-guard: cannot open {path}: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// The checkpoints in Envoy's log at `path`.
+fn read_checkpoints(path: &str) -> Result<audit::Checkpoints, ExitCode> {
+    audit::Checkpoints::read(open(path)?).map_err(|e| {
+        eprintln!("{path}: {e}");
+        ExitCode::from(1)
+    })
 }

@@ -1,5 +1,6 @@
 //! The root context: loads the policy (refusing a bad one, so the plugin does
-//! not start), drives the timer and receives JWKS callouts.
+//! not start), drives the timer (fetches, waiting requests, audit
+//! checkpoints) and receives the callouts' responses.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -109,6 +110,15 @@ impl Context for Root {
             self.wake(&worker, &[doc], Vec::new());
         }
     }
+
+    /// The plugin stops (Envoy shuts down or drops the config): the chain's
+    /// last records get a checkpoint now rather than never.
+    fn on_done(&mut self) -> bool {
+        if let Some(Ok(mut worker)) = self.worker.as_ref().map(|w| w.try_borrow_mut()) {
+            worker.checkpoint(now_ms(), true);
+        }
+        true
+    }
 }
 
 impl RootContext for Root {
@@ -151,9 +161,11 @@ impl RootContext for Root {
         let Some(worker) = self.worker.clone() else {
             return;
         };
-        let (ready, expired) = worker.borrow_mut().tick(now_ms());
+        let now = now_ms();
+        let (ready, expired) = worker.borrow_mut().tick(now);
         self.wake(&worker, &ready, expired);
         let mut w = worker.borrow_mut();
+        w.checkpoint(now, false);
         if w.fetcher.kicked {
             w.fetcher.kicked = false;
             let _ = abi::set_tick_period(TICK);

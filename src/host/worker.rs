@@ -1,14 +1,15 @@
 //! Per-VM state (one VM per Envoy worker, plus the main thread's): the
 //! policy, what the fetched documents hold (each provider's keys, the
 //! revocation list), what the core remembers between requests (token cache,
-//! verification budget), the requests waiting on a fetch, stats and the
-//! audit chain. Fetching and sharing the documents is `fetcher`'s.
+//! verification budget), the requests waiting on a fetch, stats, the audit
+//! chain and its checkpoints. Fetching and sharing the documents is
+//! `fetcher`'s.
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 
 use crate::answer::Reason;
-use crate::audit::AuditChain;
+use crate::audit::{AuditChain, CheckpointSchedule};
 use crate::config::{FetchSource, Policy};
 use crate::decision::{self, Facts, Request, Revocations, State, Trace, Verdict, WaitFor};
 use crate::fetch::Freshness;
@@ -43,6 +44,8 @@ pub struct Worker {
     pub waiters: Vec<Waiter>,
     pub metrics: Metrics,
     pub chain: AuditChain,
+    /// When the chain's head next goes to Envoy's log.
+    checkpoints: CheckpointSchedule,
     /// Has decided a request (worker VMs only; not the main thread's).
     served: bool,
 }
@@ -72,6 +75,7 @@ impl Worker {
             revocations: None,
             revocation_freshness: None,
             state: State::new(&policy),
+            checkpoints: CheckpointSchedule::new(policy.audit_checkpoint_seconds),
             policy,
             waiters: Vec::new(),
             metrics: Metrics::define(),
@@ -382,6 +386,20 @@ impl Worker {
                 self.metrics.token_cache_bytes,
                 self.state.cache.approx_bytes() as u64,
             );
+        }
+    }
+
+    /// Writes the audit chain's head to Envoy's log (info) when one is due,
+    /// or, with `stopping`, whatever the chain did since the last. A VM that
+    /// decided nothing (the main thread's) has nothing to vouch for.
+    pub fn checkpoint(&mut self, now_ms: u64, stopping: bool) {
+        let due = if stopping {
+            self.checkpoints.last(&self.chain, now_ms)
+        } else {
+            self.checkpoints.due(&self.chain, now_ms)
+        };
+        if let Some(checkpoint) = due {
+            log::info!("{}", checkpoint.line());
         }
     }
 
