@@ -7,8 +7,10 @@
 //! fixture token of that name (fixtures/tokens.txt), so that mutations reach
 //! the rule checks behind a valid signature.
 //!
-//! Oracles: a request is answered; an allow on a protected rule carries a
-//! token the generator signed, one on a public rule carries none; the same
+//! Oracles: a request is answered; the rule named is the first whose method
+//! and template match the safe path (none for a bad path or no match); an
+//! allow on a protected rule carries a token the generator signed, one on a
+//! public rule carries none; the same
 //! request decided again, now through the verified-token cache, gets the same
 //! verdict; identity headers and challenges hold no control characters.
 #![no_main]
@@ -16,6 +18,7 @@
 use libfuzzer_sys::fuzz_target;
 use phi_guard::answer::{deny, Reason};
 use phi_guard::decision::{challenge, decide, forwarded_headers, Request, Trace, Verdict};
+use phi_guard::rules::SafePath;
 use phi_guard::token::{extract_bearer, TokenCache};
 use phi_guard_fuzz::{fixture, NOW};
 
@@ -56,6 +59,23 @@ fuzz_target!(|data: &[u8]| {
         "decided differently the second time (cache hit: {:?})",
         trace.token_cache_hit
     );
+
+    let safe = SafePath::parse(path).ok();
+    let first_match = safe.as_ref().and_then(|p| {
+        policy
+            .rules
+            .iter()
+            .position(|r| r.allows_method(method) && r.path.matches(p))
+    });
+    match &first {
+        Verdict::Allow { rule, .. } => assert_eq!(Some(*rule), first_match),
+        Verdict::Deny { reason, rule, .. } => match reason {
+            Reason::BadPath => assert!(safe.is_none() && rule.is_none()),
+            Reason::NoRule => assert!(safe.is_some() && first_match.is_none() && rule.is_none()),
+            _ => assert_eq!(*rule, first_match),
+        },
+        Verdict::Wait { .. } => assert!(first_match.is_some()),
+    }
 
     match &first {
         Verdict::Allow { rule, token } => {
