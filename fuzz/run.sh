@@ -57,6 +57,8 @@ done
 printf '\n%-13s %-6s %10s %8s %6s %6s %5s\n' target status runs exec/s cov ft seeds
 printf '%s\n' "${rows[@]}"
 echo "fuzz: build ${built}s, total $((SECONDS - start))s; logs in $logs"
+n_targets=$(wc -w <<<"$targets")
+echo "fuzz: $((n_targets - ${#failed[@]})) passed, ${#failed[@]} failed"
 if ((${#failed[@]})); then
   echo "fuzz: FAILED: ${failed[*]} (inputs in fuzz/artifacts/; reproduce with" \
     "cargo fuzz run -s $sanitizer <target> <input>)" >&2
