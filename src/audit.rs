@@ -910,9 +910,17 @@ fn decode_hex(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
     }
+    // Digit by digit: `u8::from_str_radix` also takes a sign ("+f" for "0f").
+    let digit = |b: u8| {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
     for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks(2)) {
-        let text = std::str::from_utf8(pair).ok()?;
-        *o = u8::from_str_radix(text, 16).ok()?;
+        let [hi, lo] = pair else {
+            return None;
+        };
+        *o = digit(*hi)? << 4 | digit(*lo)?;
     }
     Some(out)
 }
@@ -1055,6 +1063,37 @@ mod tests {
             Problem::Edited
         );
         assert_eq!(check(&lines, None).unwrap_err().kind, Problem::Edited);
+    }
+
+    #[test]
+    fn chain_is_64_hex_digits_and_nothing_else() {
+        // Each pair was read as a number, sign allowed, so "+d" passed for
+        // "0d" and a chain text the sealer never wrote verified (the
+        // audit_verify fuzz target's re-sealing oracle fails on such a log).
+        let zeros = "0".repeat(62);
+        let mut first_0d = [0; 32];
+        first_0d[0] = 0x0d;
+        assert_eq!(decode_hex(&format!("0d{zeros}")), Some(first_0d));
+        assert_eq!(decode_hex(&format!("0D{zeros}")), Some(first_0d));
+        for bad in ["+d", "-0", " d", "0x", "g0", "é"] {
+            assert_eq!(decode_hex(&format!("{bad}{zeros}")), None, "{bad}");
+        }
+        // The same in a keyed log: the first pair starting with 0 gets a sign.
+        let lines = log(Some(b"secret"));
+        let (n, chain, at) = lines
+            .iter()
+            .enumerate()
+            .find_map(|(n, l)| {
+                let chain = find_record(l)?.ok()?.chain;
+                let at = (0..64).step_by(2).find(|&i| chain.as_bytes()[i] == b'0')?;
+                Some((n, chain, at))
+            })
+            .expect("some pair starts with 0");
+        let mut signed = lines.clone();
+        let forged = format!("{}+{}", &chain[..at], &chain[at + 1..]);
+        signed[n] = lines[n].replace(&chain, &forged);
+        let e = check(&signed, Some(b"secret")).unwrap_err();
+        assert_eq!((e.line, e.kind), (n + 1, Problem::Malformed));
     }
 
     #[test]
