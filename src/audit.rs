@@ -726,8 +726,14 @@ pub struct VerifySummary {
     pub skipped_lines: usize,
 }
 
-/// Finds the record on a line: the line itself, or a field holding it as an
-/// object or as a JSON string (Envoy's `%FILTER_STATE(...:PLAIN)%`).
+/// The access-log field the record is read from (see `envoy/envoy.yaml`).
+pub const RECORD_FIELD: &str = "audit";
+
+/// Finds the record on a line: the line itself, or its [`RECORD_FIELD`]
+/// holding it as an object or as a JSON string (Envoy's
+/// `%FILTER_STATE(...:PLAIN)%`). Only that field: where Envoy answered a
+/// request itself the field is `-`, and a client-controlled one
+/// (`x-request-id`, say) must not be able to supply a record instead.
 fn find_record(line: &str) -> Option<Result<AuditRecord, String>> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     let obj = value.as_object()?;
@@ -737,18 +743,13 @@ fn find_record(line: &str) -> Option<Result<AuditRecord, String>> {
     if is_record(obj) {
         return Some(serde_json::from_value(value.clone()).map_err(|e| e.to_string()));
     }
-    for field in obj.values() {
-        let inner = match field {
-            serde_json::Value::Object(_) => field.clone(),
-            serde_json::Value::String(s) if s.starts_with('{') => match serde_json::from_str(s) {
-                Ok(v) => v,
-                Err(_) => continue,
-            },
-            _ => continue,
-        };
-        if inner.as_object().is_some_and(is_record) {
-            return Some(serde_json::from_value(inner).map_err(|e| e.to_string()));
-        }
+    let inner = match obj.get(RECORD_FIELD)? {
+        field @ serde_json::Value::Object(_) => field.clone(),
+        serde_json::Value::String(s) if s.starts_with('{') => serde_json::from_str(s).ok()?,
+        _ => return None,
+    };
+    if inner.as_object().is_some_and(is_record) {
+        return Some(serde_json::from_value(inner).map_err(|e| e.to_string()));
     }
     None
 }
@@ -956,6 +957,30 @@ mod tests {
 
     fn check(lines: &[String], key: Option<&[u8]>) -> Result<VerifySummary, VerifyError> {
         verify_log(lines.join("\n").as_bytes(), key, false)
+    }
+
+    /// Envoy answered a request itself (`audit` is `-`): a record a client
+    /// put in another field (its `x-request-id`) is not read, so it can
+    /// neither pass for a chain nor break an intact one.
+    #[test]
+    fn records_come_only_from_the_audit_field() {
+        let lines = log(None);
+        let mut forger = AuditChain::new("forged".into(), None);
+        let fake = forger.seal(&mut rec("/p/x"));
+        let injected =
+            serde_json::json!({"time": "x", "request_id": fake, "audit": "-"}).to_string();
+        let mut with = lines.clone();
+        with.insert(2, injected.clone());
+        let s = check(&with, None).unwrap();
+        assert_eq!((s.records, s.vms, s.skipped_lines), (6, 2, 1));
+        // Named after a real chain, it would have broken it.
+        let mut a = AuditChain::new("a".into(), None);
+        let fake_a = a.seal(&mut rec("/evil"));
+        let injected =
+            serde_json::json!({"time": "x", "request_id": fake_a, "audit": "-"}).to_string();
+        let mut with = lines;
+        with.push(injected);
+        assert!(check(&with, None).is_ok());
     }
 
     #[test]

@@ -57,8 +57,7 @@ fn assert_resealed(text: &str) {
 }
 
 /// The record on a line, found as the verifier documents it: the line itself,
-/// or the first field (in serde_json's key order) that holds one as an object
-/// or as a JSON string.
+/// or its `audit` field holding one as an object or as a JSON string.
 fn find_record(line: &str) -> Option<AuditRecord> {
     let value: Value = serde_json::from_str(line).ok()?;
     let is_record = |v: &Value| {
@@ -68,14 +67,13 @@ fn find_record(line: &str) -> Option<AuditRecord> {
     if is_record(&value) {
         return serde_json::from_value(value).ok();
     }
-    value.as_object()?.values().find_map(|field| {
-        let inner = match field {
-            Value::String(s) if s.starts_with('{') => serde_json::from_str(s).ok()?,
-            Value::Object(_) => field.clone(),
-            _ => return None,
-        };
-        is_record(&inner).then(|| serde_json::from_value(inner).ok())?
-    })
+    let field = value.as_object()?.get(phi_guard::audit::RECORD_FIELD)?;
+    let inner = match field {
+        Value::String(s) if s.starts_with('{') => serde_json::from_str(s).ok()?,
+        Value::Object(_) => field.clone(),
+        _ => return None,
+    };
+    is_record(&inner).then(|| serde_json::from_value(inner).ok())?
 }
 
 /// Seals one record per input line (its text in every string field), writes

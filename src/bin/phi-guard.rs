@@ -16,7 +16,7 @@ const USAGE: &str = "\
 usage: phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env NAME] [--start-anywhere]
 
   audit verify   check the tamper-evident audit chains in an Envoy access log
-                 (one JSON record per line, raw or inside a field such as \"audit\")
+                 (one JSON record per line, raw or in the line's \"audit\" field)
   --checkpoints ENVOY-LOG
                  hold the access log to the chain heads each VM wrote to Envoy's
                  own log (audit.checkpoint_seconds): name every chain whose
