@@ -15,7 +15,18 @@ import pytest
 import yaml
 
 from conftest import FAMILIES
-from harness import ENVOY_BIN, REPO, KeyPair, Response, default_claims, eventually, http_request, mint, tamper
+from harness import (
+    ENVOY_BIN,
+    REPO,
+    KeyPair,
+    Response,
+    default_claims,
+    eventually,
+    http_request,
+    mint,
+    shipped_policy,
+    tamper,
+)
 
 PATH = "/fhir/Patient/123"
 
@@ -451,9 +462,15 @@ def test_logs_carry_audit_but_never_the_token(envoy, upstream, keys):
         assert "q=secret" not in envoy.access_log_path.read_text()
 
 
-def test_default_claims_are_what_the_policy_expects():
-    # Guards the tests above: a typo here would make every "valid" case wrong.
+def test_default_claims_are_what_the_shipped_policy_expects():
+    # Guards the tests above: the harness's "good" claims must be good for the
+    # policy in envoy/envoy.yaml, read from there (not the harness's own constants).
+    policy = shipped_policy()
+    (provider,) = policy["providers"]
+    (rule,) = [r for r in policy["rules"] if r["id"] == "patient-read"]
     claims = default_claims()
-    assert claims["iss"] == "https://idp.example.org"
-    assert claims["aud"] == "https://fhir.example.org"
-    assert "read:patient-profile" in claims["scope"].split()
+    assert claims["iss"] == provider["issuer"]
+    assert claims["aud"] in provider["audiences"]
+    assert set(rule["scopes"]) <= set(claims["scope"].split(" "))
+    assert claims["exp"] - claims["iat"] <= policy["max_token_lifetime_seconds"]
+    assert rule["path"] == "/fhir/Patient/{id}" and "GET" in rule["methods"], "PATH above must land on this rule"
