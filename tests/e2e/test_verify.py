@@ -20,6 +20,8 @@ from harness import (
     REPO,
     KeyPair,
     Response,
+    audits,
+    challenge_of,
     default_claims,
     eventually,
     http_request,
@@ -181,12 +183,19 @@ def test_token_types_are_configurable_and_case_insensitive(envoy_factory, policy
 # Suspicious Authorization headers: refused before any verification
 
 
+def assert_invalid_request(resp: Response, upstream, *tokens: str) -> None:
+    """400 with `Bearer error="invalid_request"` (README, answers table)."""
+    assert resp.status == 400, (resp.status, resp.text)
+    scheme, params = challenge_of(resp)
+    assert (scheme, params) == ("Bearer", {"error": ("invalid_request", True)}), params
+    assert_refused(resp, upstream, *tokens)
+
+
 def test_two_authorization_headers_are_refused(envoy, upstream, keys):
     # Both tokens are valid: ambiguity alone must be enough to refuse.
     first, second = mint(keys["RS256"]), mint(keys["ES256"])
     resp = envoy.get(PATH, headers=[("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")])
-    assert 400 <= resp.status < 500, (resp.status, resp.text)
-    assert_refused(resp, upstream, first, second)
+    assert_invalid_request(resp, upstream, first, second)
 
 
 def test_authorization_over_8_kib_is_refused(envoy, upstream, keys):
@@ -194,8 +203,34 @@ def test_authorization_over_8_kib_is_refused(envoy, upstream, keys):
     token = mint(keys["ES256"], padding="x" * 9000)
     assert len(token) > 8192
     resp = envoy.get(PATH, token=token)
-    assert 400 <= resp.status < 500, (resp.status, resp.text)
-    assert_refused(resp, upstream, token)
+    assert_invalid_request(resp, upstream, token)
+
+
+def _token_of_length(key: KeyPair, lengths: set[int]) -> str:
+    """A valid token whose length is one of `lengths` (base64 cannot make every length)."""
+    for pad in range(5000, 6500):
+        token = mint(key, padding="x" * pad)
+        if len(token) in lengths:
+            return token
+    raise AssertionError(f"no token of length {lengths}")
+
+
+def test_authorization_of_exactly_8_kib_is_read_and_one_byte_more_is_not(envoy, upstream, keys):
+    # README: a header *over* 8 KiB is refused. The value is "Bearer", blanks,
+    # the token; the blanks make up the exact length with the same token.
+    limit = 8 * 1024
+    token = _token_of_length(keys["ES256"], {limit - 7, limit - 8})
+    blanks = " " * (limit - len("Bearer") - len(token))
+    at_limit = f"Bearer{blanks}{token}"
+    assert len(at_limit) == limit
+    resp = envoy.get(PATH, headers=[("Authorization", at_limit)])
+    assert resp.status == 200, (resp.status, resp.text)
+    assert upstream.last.header("authorization") is None
+    upstream.reset()
+    over = f"Bearer {blanks}{token}"
+    assert len(over) == limit + 1
+    assert_invalid_request(envoy.get(PATH, headers=[("Authorization", over)]), upstream, token)
+    assert [r["reason"] for r in audits(envoy, 2)] == ["ok", "invalid_request"]
 
 
 # --------------------------------------------------------------------------
