@@ -730,3 +730,25 @@ def audits(envoy, count: int) -> list[dict | None]:
         raw = r.get("audit")
         out.append(None if raw in (None, "", "-") else json.loads(raw))
     return out
+
+
+def phi_guard_stats(envoy) -> dict[str, int]:
+    """The filter's metrics from admin /stats without the `wasmcustom.phi_guard.`
+    prefix: {"allowed": n, "denied.expired": n, "jwks_key_age_seconds": n, ...}."""
+    text = envoy.admin("/stats?filter=%5Ewasmcustom%5C.phi_guard%5C.").text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith("wasmcustom.phi_guard.") and value.strip().lstrip("-").isdigit():
+            out[name[len("wasmcustom.phi_guard.") :]] = int(value)
+    return out
+
+
+def readme_reason_codes() -> list[str]:
+    """The reason codes the README lists under "Audit record" (the contract
+    dashboards key on), in the README's order."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("Reason codes:")
+    paragraph = text[start : text.index("\n\n", start)]
+    # A code is a backticked lower_snake word; parentheses explain, they list none.
+    return re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)", "", paragraph))

@@ -26,6 +26,7 @@ from harness import (
     eventually,
     http_request,
     mint,
+    phi_guard_stats,
     shipped_policy,
     tamper,
 )
@@ -143,31 +144,43 @@ def _forged(name: str, keys: dict) -> str:
     }[name]()
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "expired",
-        "not_yet_valid",
-        "wrong_issuer",
-        "wrong_audience",
-        "missing_exp",
-        "lifetime_over_max",
-        "bad_signature",
-        "signed_by_other_key_same_kid",
-        "alg_none",
-        "hs256_with_rsa_public_key",
-        "alg_differs_from_key",
-        "unknown_kid",
-        "unknown_crit_header",
-        "id_token_typ",
-        "malformed_two_parts",
-        "malformed_not_base64",
-        "malformed_payload_not_json",
-    ],
-)
+# Each forged token and the reason its audit record and counter must give (README "Audit record").
+REASON_OF_CASE = {
+    "expired": "expired",
+    "not_yet_valid": "not_yet_valid",
+    "wrong_issuer": "unknown_issuer",
+    "wrong_audience": "wrong_audience",
+    "missing_exp": "missing_exp",
+    "lifetime_over_max": "lifetime_too_long",
+    "bad_signature": "invalid_signature",
+    "signed_by_other_key_same_kid": "invalid_signature",
+    "alg_none": "alg_not_allowed",
+    "hs256_with_rsa_public_key": "alg_not_allowed",
+    "alg_differs_from_key": "alg_not_allowed",
+    "unknown_kid": "unknown_key",
+    "unknown_crit_header": "unsupported_crit",
+    "id_token_typ": "bad_token_type",
+    "malformed_two_parts": "malformed_token",
+    "malformed_not_base64": "malformed_token",
+    "malformed_payload_not_json": "malformed_token",
+}
+
+
+def assert_denied_once(envoy, reason: str, index: int = 0) -> None:
+    """Request number `index` is audited as a denial for `reason`, and the
+    reason's counter (README "Stats") counted it, once."""
+    record = audits(envoy, index + 1)[index]
+    assert record is not None and (record["decision"], record["reason"]) == ("deny", reason), record
+    stats = phi_guard_stats(envoy)
+    assert stats.get(f"denied.{reason}") == 1, stats
+    assert stats.get("allowed", 0) == 0, stats
+
+
+@pytest.mark.parametrize("case", list(REASON_OF_CASE))
 def test_invalid_token_is_401_invalid_token(envoy, upstream, keys, case):
     token = _forged(case, keys)
     assert_invalid_token(envoy.get(PATH, token=token), upstream, token)
+    assert_denied_once(envoy, REASON_OF_CASE[case])
 
 
 def test_token_types_are_configurable_and_case_insensitive(envoy_factory, policy, upstream, keys):
