@@ -183,6 +183,19 @@ def test_invalid_token_is_401_invalid_token(envoy, upstream, keys, case):
     assert_denied_once(envoy, REASON_OF_CASE[case])
 
 
+def test_lifetime_is_measured_from_nbf_when_there_is_no_iat(envoy, upstream, keys):
+    # README: exp minus iat (or nbf) must not exceed max_token_lifetime_seconds (3600).
+    # Both tokens expire well within an hour from now: only a lifetime counted
+    # from nbf can tell them apart.
+    now, key = int(time.time()), keys["EdDSA"]
+    assert envoy.get(PATH, token=mint(key, iat=None, nbf=now - 1000, exp=now + 2500)).status == 200
+    upstream.reset()
+    long_lived = mint(key, iat=None, nbf=now - 1000, exp=now + 2700)
+    assert_invalid_token(envoy.get(PATH, token=long_lived), upstream, long_lived)
+    record = audits(envoy, 2)[1]
+    assert record["reason"] == "lifetime_too_long", record
+
+
 def test_token_types_are_configurable_and_case_insensitive(envoy_factory, policy, upstream, keys):
     policy["providers"][0]["token_types"] = ["at+jwt"]
     envoy = envoy_factory(policy)
@@ -190,6 +203,16 @@ def test_token_types_are_configurable_and_case_insensitive(envoy_factory, policy
     upstream.reset()
     plain = mint(keys["EdDSA"], header={"typ": "JWT"})
     assert_invalid_token(envoy.get(PATH, token=plain), upstream, plain)
+
+
+def test_empty_token_types_leave_typ_unchecked(envoy_factory, policy, upstream, keys):
+    # README: `token_types: []` = not checked. id+jwt is refused by default (see above).
+    policy["providers"][0]["token_types"] = []
+    envoy = envoy_factory(policy)
+    for typ in ("id+jwt", None, "anything/at-all"):
+        resp = envoy.get(PATH, token=mint(keys["ES256"], header={"typ": typ}))
+        assert resp.status == 200, (typ, resp.status, resp.text)
+    assert len(upstream.requests) == 3
 
 
 # --------------------------------------------------------------------------
