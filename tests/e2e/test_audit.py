@@ -18,6 +18,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -675,41 +676,63 @@ def test_two_workers_write_two_chains_that_verify(envoy_factory, policy, keys, p
 
 # --------------------------------------------------------------------------
 # A request that waits for keys is still one request in the counters
+#
+# The JWKS server holds its answer until the test releases it, so the first
+# request certainly arrives before any keys and has to wait: no race to lose.
+
+
+def _envoy_with_held_keys(envoy_factory, policy, jwks_server) -> Envoy:
+    """Envoy whose first JWKS fetch is at the server, unanswered."""
+    # Long enough that neither the callout nor a waiting request times out
+    # while the test takes its time on a loaded machine.
+    policy["providers"][0]["jwks"].update(timeout_ms=30000)
+    jwks_server.hold()
+    envoy = envoy_factory(policy)
+    assert jwks_server.wait_held(1, timeout=30), f"no JWKS fetch came:\n{envoy.log_tail()}"
+    return envoy
 
 
 def test_request_waiting_for_keys_is_counted_once(envoy_factory, policy, jwks_server, keys):
-    # The JWKS answers slowly, so the first request certainly arrives before the keys.
-    policy["providers"][0]["jwks"].update(timeout_ms=6000)
-    jwks_server.delay_seconds = 2.5
-    envoy = envoy_factory(policy)
-    resp = envoy.get("/fhir/Patient/1", token=mint(keys["ES256"]))
+    envoy = _envoy_with_held_keys(envoy_factory, policy, jwks_server)
+    answered = []
+    client = threading.Thread(
+        target=lambda: answered.append(envoy.get("/fhir/Patient/1", token=mint(keys["ES256"]))), daemon=True
+    )
+    try:
+        client.start()
+        # The filter paused it for keys (README: key_cache.miss, "a request had to wait for keys").
+        assert eventually(lambda: phi_stats(envoy).get("key_cache.miss") == 1, timeout=15), phi_stats(envoy)
+        client.join(0.5)
+        assert answered == [], f"answered without keys: {answered}"
+    finally:
+        jwks_server.release()
+    client.join(30)
+    (resp,) = answered
     assert resp.status == 200, (resp.status, resp.text, envoy.log_tail())
-    stats = phi_stats(envoy)
-    if stats.get("key_cache.miss") != 1:
-        pytest.skip(f"the request did not wait for keys (machine too slow to get it in first): {stats}")
     (line,) = log_lines(envoy, 1)
     assert record_of(line)["reason"] == "ok"
+    stats = phi_stats(envoy)
     counted = {k: stats.get(k) for k in ("token_cache.miss", "token_cache.hit", "key_cache.miss", "key_cache.hit")}
-    # README: key_cache miss = "a request had to wait for keys"; one request, one token, seen once.
+    # One request, one token, seen once.
     assert counted == {"token_cache.miss": 1, "token_cache.hit": 0, "key_cache.miss": 1, "key_cache.hit": 0}, counted
+    assert (stats.get("allowed"), stats.get("jwks_fetch.ok")) == (1, 1), stats
 
 
 def test_request_abandoned_while_waiting_for_keys_is_audited(envoy_factory, policy, jwks_server, keys):
-    policy["providers"][0]["jwks"].update(timeout_ms=6000)
-    jwks_server.delay_seconds = 3
-    envoy = envoy_factory(policy)
+    envoy = _envoy_with_held_keys(envoy_factory, policy, jwks_server)
     request_id = f"audit-abandoned-{uuid.uuid4().hex[:8]}"
     headers = {"x-request-id": request_id, "Authorization": f"Bearer {mint(keys['ES256'])}"}
     try:
-        resp = http_request(envoy.port, "GET", "/fhir/Patient/1", headers, timeout=0.5)
-    except TimeoutError:
-        resp = None
-    if resp is not None:
-        pytest.skip(f"the request was answered ({resp.status}) before the client gave up: it did not wait")
-    lines = log_lines(envoy, 1)
+        # No keys can come while the fetch is held: the client gives up first.
+        with pytest.raises(TimeoutError):
+            http_request(envoy.port, "GET", "/fhir/Patient/1", headers, timeout=1)
+        lines = log_lines(envoy, 1)
+        assert jwks_server.held == 1, "the fetch must still be in flight"
+    finally:
+        jwks_server.release()
     (line,) = [l for l in lines if json.loads(l)["request_id"] == request_id]
     assert "DC" in json.loads(line)["flags"], line  # Envoy saw the client go away
-    assert phi_stats(envoy).get("key_cache.miss", 0) >= 1, "the request should have waited for keys"
+    assert phi_stats(envoy).get("key_cache.miss") == 1, "the request should have waited for keys"
     # README: every request, allowed or denied, gets one record.
     rec = record_of(line)
     assert rec is not None, f"no audit record for a request the filter held: {line}"
@@ -718,5 +741,8 @@ def test_request_abandoned_while_waiting_for_keys_is_audited(envoy_factory, poli
     assert phi_stats(envoy).get("denied.client_closed") == 1
     # The fetch that request started belongs to the VM, not to the stream that
     # ended: it completes, and the next request is served with its keys.
-    eventually(lambda: phi_stats(envoy).get("jwks_fetch.ok", 0) >= 1, timeout=10)
+    fetched = eventually(lambda: phi_stats(envoy).get("jwks_fetch.ok", 0) >= 1, timeout=15)
+    assert fetched, phi_stats(envoy)
+    hits = jwks_server.hits
     assert envoy.get("/fhir/Patient/1", token=mint(keys["ES256"])).status == 200
+    assert jwks_server.hits == hits, "served with the keys fetched while the client was gone, not a new fetch"
