@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -154,6 +155,37 @@ def secret_parts(token: str, width: int = 16) -> list[str]:
     for segment in token.split(".")[1:]:
         parts.update(segment[i : i + width] for i in range(0, max(len(segment) - width + 1, 1)))
     return [p for p in parts if len(p) >= width or p == token]
+
+
+# The tail of a record as the filter writes it: `chain` last, 64 hex digits.
+_CHAIN_TAIL = re.compile(r'"chain":"([0-9a-f]{64})"\}\Z')
+
+
+def recompute_chains(lines: list[str], key: bytes | None = None) -> dict[str, int]:
+    """Checks every record's `chain` from the README's formula alone, with
+    Python's own SHA-256 and HMAC (not `audit verify`, not the crate): per VM
+    (`vm`), starting from 32 zero bytes, chain = SHA-256(previous chain ||
+    this record's bytes with `chain` empty), HMAC-SHA256 under `key` when the
+    log is keyed; `seq` counts 1, 2, 3 ... per VM. Returns records per VM."""
+    prev: dict[str, bytes] = {}
+    seqs: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        raw = json.loads(line).get("audit")
+        if raw in (None, "", "-"):
+            continue
+        record = json.loads(raw)
+        tail = _CHAIN_TAIL.search(raw)
+        assert tail, f"line {number}: chain is not the last field, as 64 hex digits: {raw}"
+        assert tail.group(1) == record["chain"]
+        signed = (raw[: tail.start()] + '"chain":""}').encode()
+        vm = record["vm"]
+        seqs[vm] = seqs.get(vm, 0) + 1
+        assert record["seq"] == seqs[vm], f"line {number}: vm {vm} seq {record['seq']}, want {seqs[vm]}"
+        data = prev.get(vm, bytes(32)) + signed
+        link = hmac.new(key, data, hashlib.sha256).digest() if key else hashlib.sha256(data).digest()
+        assert link.hex() == record["chain"], f"line {number}: chain does not follow (vm {vm} seq {record['seq']})"
+        prev[vm] = link
+    return seqs
 
 
 # --------------------------------------------------------------------------
@@ -454,6 +486,22 @@ def _copy(mix, tmp_path, name, lines) -> Path:
     return path
 
 
+def test_chain_follows_the_readme_formula(mix):
+    records = sum(not s.envoy_only for s in mix.sent)
+    assert list(recompute_chains(mix.lines).values()) == [records]
+    # The check itself can fail: one byte of one record changed, or the
+    # records of one VM taken out of order.
+    edited = list(mix.lines)
+    edited[1] = edited[1].replace('\\"status\\":200', '\\"status\\":201', 1)
+    assert edited[1] != mix.lines[1]
+    with pytest.raises(AssertionError, match="line 2: chain does not follow"):
+        recompute_chains(edited)
+    with pytest.raises(AssertionError, match="seq"):
+        recompute_chains([mix.lines[1], mix.lines[0], *mix.lines[2:]])
+    with pytest.raises(AssertionError, match="line 1: chain does not follow"):
+        recompute_chains(mix.lines, key=b"a key the log was not made with")
+
+
 def test_verify_accepts_the_intact_log(mix, phi_guard_cli):
     res = verify(phi_guard_cli, mix.envoy.access_log_path)
     assert res.returncode == 0, (res.stdout, res.stderr)
@@ -605,6 +653,10 @@ def test_keyed_chain_verifies_only_with_the_key(envoy_factory, policy, keys, phi
     for text in ("\n".join(lines), envoy.log_text()):
         assert key_value not in text
 
+    # README: HMAC-SHA256 under the key, recomputed here independently of the CLI.
+    assert list(recompute_chains(lines, key=key_value.encode()).values()) == [4]
+    with pytest.raises(AssertionError, match="chain does not follow"):
+        recompute_chains(lines)
     log = envoy.access_log_path
     ok = verify(phi_guard_cli, log, "--key-env", KEY_ENV, env={KEY_ENV: key_value})
     assert ok.returncode == 0, (ok.stdout, ok.stderr)
@@ -659,6 +711,8 @@ def test_two_workers_write_two_chains_that_verify(envoy_factory, policy, keys, p
     assert len(by_vm) == 2, f"want both workers to have written records: {by_vm}"
     for vm, seqs in by_vm.items():
         assert seqs == list(range(1, len(seqs) + 1)), (vm, seqs)
+    per_vm = recompute_chains(lines)  # one chain per VM, by the README's formula
+    assert sorted(per_vm.values()) == sorted(len(s) for s in by_vm.values()), per_vm
     res = verify(phi_guard_cli, envoy.access_log_path)
     assert res.returncode == 0, (res.stdout, res.stderr)
     assert f"ok: {count} records from 2 workers" in res.stdout, res.stdout
