@@ -88,11 +88,34 @@ struct RawStepUp {
 }
 
 /// A rule's `step_up`: inline, or `"default"` for `step_up_defaults`.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum RawStepUpRef {
     Named(String),
     Inline(RawStepUp),
+}
+
+// By hand rather than `#[serde(untagged)]`, which reports any error inside
+// an inline step-up as "did not match any variant", naming no field.
+impl<'de> Deserialize<'de> for RawStepUpRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = RawStepUpRef;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"default\" or a step-up object")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawStepUpRef, E> {
+                Ok(RawStepUpRef::Named(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawStepUpRef, A::Error> {
+                RawStepUp::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawStepUpRef::Inline)
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 #[derive(Deserialize)]
@@ -312,10 +335,10 @@ const MAX_TOKEN_CACHE: usize = 1_000_000;
 impl Policy {
     /// Parses and validates the filter configuration document.
     pub fn from_json(doc: &[u8]) -> Result<Policy, ConfigError> {
-        let raw: RawConfig = serde_json::from_slice(doc).map_err(|e| {
-            // serde names the unknown or missing field in its message.
-            err("(document)", e.to_string())
-        })?;
+        let mut de = serde_json::Deserializer::from_slice(doc);
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| serde_error(e.path(), e.inner()))?;
+        de.end().map_err(|e| err("(document)", e.to_string()))?;
         Policy::compile(raw)
     }
 
@@ -462,6 +485,34 @@ impl Policy {
             .enumerate()
             .find(|(_, p)| p.issuer == iss)
     }
+}
+
+/// A type or shape error at `path`, spelled like the semantic ones
+/// (`providers[0].jwks.timeout_ms`). A missing or unknown field is reported
+/// by serde at the object holding it; the error names the field itself.
+fn serde_error(path: &serde_path_to_error::Path, e: &serde_json::Error) -> ConfigError {
+    let problem = e.to_string();
+    let mut field = path.to_string();
+    if field == "." {
+        field.clear();
+    }
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|prefix| problem.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next());
+    match named {
+        Some(name) if !field.ends_with(name) => {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(name);
+        }
+        _ => {}
+    }
+    if field.is_empty() {
+        field.push_str("(document)");
+    }
+    err(field, problem)
 }
 
 fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provider, ConfigError> {
@@ -832,6 +883,28 @@ mod tests {
                 &|d| d["audit"] = json!({"hmac_key_env": "A B"}),
                 "audit.hmac_key_env",
             ),
+            // Type and shape errors name their field too, not "(document)".
+            (
+                &|d| d["providers"][0]["jwks"]["timeout_ms"] = json!("2000"),
+                "providers[0].jwks.timeout_ms",
+            ),
+            (
+                &|d| d["rules"][0]["step_up"] = json!({"max_age_seconds": -1}),
+                "rules[0].step_up.max_age_seconds",
+            ),
+            (
+                &|d| d["rules"][0]["step_up"] = json!({"amr": ["otp"]}),
+                "rules[0].step_up.amr",
+            ),
+            (&|d| d["rules"][0]["step_up"] = json!(7), "rules[0].step_up"),
+            (
+                &|d| d["providers"][0]["jwks"] = json!({"uri": "https://idp/keys"}),
+                "providers[0].jwks.cluster",
+            ),
+            (
+                &|d| d["rules"][0]["scope"] = json!(["read"]),
+                "rules[0].scope",
+            ),
         ];
         for (edit, field) in cases {
             let mut doc = base();
@@ -839,12 +912,12 @@ mod tests {
             let e = load(&doc).unwrap_err();
             assert_eq!(e.field, field, "{doc}: {e}");
         }
-        // Unknown fields and wrong types are refused, naming the field in the message.
-        let mut doc = base();
-        doc["rules"][0]["scope"] = json!(["read"]);
-        let e = load(&doc).unwrap_err();
-        assert!(e.problem.contains("scope"), "{e}");
         assert!(Policy::from_json(b"not json").is_err());
+        let trailing = format!("{} x", base());
+        assert_eq!(
+            Policy::from_json(trailing.as_bytes()).unwrap_err().field,
+            "(document)"
+        );
     }
 
     #[test]
