@@ -389,20 +389,28 @@ def test_garbage_jwks_is_503_and_envoy_keeps_serving(envoy_factory, policy, jwks
 
 
 @pytest.mark.parametrize(
-    "mutate, mentions",
+    "mutate, field",
     [
         pytest.param(lambda p: p.update(bogus_option=True), "bogus_option", id="unknown_top_level_field"),
-        pytest.param(lambda p: p["providers"][0].update(algorithms=["RS256", "RS999"]), "RS999", id="unknown_alg"),
-        pytest.param(lambda p: p["providers"][0].update(algorithms=["HS256"]), "algorithms", id="hmac_alg"),
-        pytest.param(lambda p: p["providers"][0]["jwks"].update(refresh_s=5), "refresh_s", id="unknown_jwks_field"),
-        pytest.param(lambda p: p["rules"][1].update(scope=["read:patient-profile"]), "scope", id="unknown_rule_field"),
+        pytest.param(
+            lambda p: p["providers"][0].update(algorithms=["RS256", "RS999"]), "providers[0].algorithms", id="unknown_alg"
+        ),
+        pytest.param(lambda p: p["providers"][0].update(algorithms=["HS256"]), "providers[0].algorithms", id="hmac_alg"),
+        pytest.param(
+            lambda p: p["providers"][0]["jwks"].update(refresh_s=5), "providers[0].jwks.refresh_s", id="unknown_jwks_field"
+        ),
+        pytest.param(
+            lambda p: p["providers"][0]["jwks"].update(timeout_ms="2000"), "providers[0].jwks.timeout_ms", id="wrong_type"
+        ),
+        pytest.param(lambda p: p["rules"][1].update(scope=["read:patient-profile"]), "rules[1].scope", id="unknown_rule_field"),
         pytest.param(lambda p: p.update(providers=[]), "providers", id="no_providers"),
     ],
 )
-def test_invalid_config_fails_plugin_start(envoy_factory, policy, mutate, mentions):
+def test_invalid_config_fails_plugin_start(envoy_factory, policy, mutate, field):
     mutate(policy)
     log = envoy_factory(policy, start=False).expect_start_failure()
-    assert mentions in log, log[-3000:]
+    # README: Envoy logs `invalid configuration at `<field>`: <problem>`.
+    assert f"invalid configuration at `{field}`: " in log, log[-3000:]
 
 
 def test_config_that_is_not_json_fails_plugin_start(envoy_factory):
