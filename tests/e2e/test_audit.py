@@ -680,6 +680,26 @@ def test_keyed_chain_verifies_only_with_the_key(envoy_factory, policy, keys, phi
     assert_broken_at(bad, 3)
 
 
+@pytest.mark.parametrize("variable", ["unset", "empty", "not_passed_to_the_vm"])
+def test_keyed_chain_without_its_key_stops_the_plugin(envoy_factory, policy, monkeypatch, variable):
+    # README: audit.hmac_key_env "named but unset or empty, the plugin refuses to start"
+    # (a plain chain instead would let whoever edits the log recompute it).
+    policy["audit"] = {"hmac_key_env": KEY_ENV}
+    envoy = envoy_factory(policy, start=False)
+    if variable != "not_passed_to_the_vm":
+        hcm = envoy.config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+        wasm["typed_config"]["config"]["vm_config"]["environment_variables"] = {"host_env_keys": [KEY_ENV]}
+        envoy.config_path.write_text(yaml.safe_dump(envoy.config, sort_keys=False))
+    if variable == "unset":
+        monkeypatch.delenv(KEY_ENV, raising=False)
+    else:
+        # Empty; or set for Envoy, but its VM only sees what vm_config passes.
+        monkeypatch.setenv(KEY_ENV, "" if variable == "empty" else "a-key-left-behind")
+    log = envoy.expect_start_failure()
+    assert "invalid configuration at `audit.hmac_key_env`: " in log, log[-3000:]
+
+
 # --------------------------------------------------------------------------
 # Several workers: one chain per VM, interleaved in one file
 
