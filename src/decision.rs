@@ -98,6 +98,17 @@ pub fn decide<'k>(
             if let Err(reason) = token::check_times(policy, hit.exp, hit.nbf, hit.iat, now) {
                 return deny(reason, Some(index), None);
             }
+            // A verification is worth what the keys behind it are: once they
+            // are past max_stale_seconds, a cached token is refused like any other.
+            if keys(hit.provider).is_none() {
+                if may_wait {
+                    return Verdict::Wait {
+                        provider: hit.provider,
+                        unknown_kid: false,
+                    };
+                }
+                return deny(Reason::KeysUnavailable, Some(index), None);
+            }
             hit
         }
         None => {
@@ -599,10 +610,26 @@ mod tests {
             Some(Reason::Ok)
         );
         assert_eq!(trace.token_cache_hit, Some(false));
-        // A hit needs no keys, and still ages.
+        // A hit still needs the provider's keys to be usable (README: past
+        // max_stale_seconds requests get 503) ...
+        assert!(matches!(
+            decide(&policy, &no_keys, &mut cache, &req, NOW, true, &mut trace),
+            Verdict::Wait {
+                provider: 0,
+                unknown_kid: false
+            }
+        ));
+        assert_eq!(trace.token_cache_hit, Some(true));
         assert_eq!(
             reason(&decide(
-                &policy, &no_keys, &mut cache, &req, NOW, true, &mut trace
+                &policy, &no_keys, &mut cache, &req, NOW, false, &mut trace
+            )),
+            Some(Reason::KeysUnavailable)
+        );
+        // ... is answered from the cache with them, and still ages.
+        assert_eq!(
+            reason(&decide(
+                &policy, &keys, &mut cache, &req, NOW, true, &mut trace
             )),
             Some(Reason::Ok)
         );
