@@ -333,6 +333,8 @@ def test_jwks_unavailable_at_start_is_503_then_recovers(envoy_factory, policy, j
     resp = envoy.get(PATH, token=token)
     assert resp.status == 503, (resp.status, resp.text)
     assert_refused(resp, upstream, token)
+    assert_denied_once(envoy, "keys_unavailable")
+    assert phi_guard_stats(envoy)["jwks_fetch.failed"] >= 1
 
     if outage == "connection_refused":
         jwks_server.up()
