@@ -803,8 +803,12 @@ mod forged {
     }
 
     /// The model: the 1-based line of the first record that is not the next
-    /// one its VM sealed (`None`: every VM's records are a prefix of its own).
-    fn first_forged_line(original: &[String], forged: &[String]) -> Option<usize> {
+    /// one its VM sealed, and what the README calls it there (`None`: every
+    /// VM's records are a prefix of its own). Seen from that VM's last good
+    /// record: a `seq` not after it is reordered, one past the next is
+    /// missing (a chain's first record must be `seq` 1), an unreadable
+    /// record is malformed, and any other difference is an edit.
+    fn first_forged_line(original: &[String], forged: &[String]) -> Option<(usize, Problem)> {
         let sealed = |vm: &str| -> Vec<Value> {
             original
                 .iter()
@@ -813,7 +817,7 @@ mod forged {
                 .collect()
         };
         let (a, b) = (sealed("vm-a"), sealed("vm-b"));
-        let (mut next_a, mut next_b) = (0, 0);
+        let (mut next_a, mut next_b) = (0u64, 0u64);
         for (i, line) in forged.iter().enumerate() {
             let Ok(outer) = serde_json::from_str::<Value>(line) else {
                 continue; // not JSON: not a record line
@@ -828,12 +832,20 @@ mod forged {
             let (mine, next) = match rec["vm"].as_str() {
                 Some("vm-a") => (&a, &mut next_a),
                 Some("vm-b") => (&b, &mut next_b),
-                _ => return Some(i + 1),
+                other => panic!("no forgery makes vm {other:?}"),
             };
-            if mine.get(*next) != Some(&rec) {
-                return Some(i + 1);
+            if mine.get(*next as usize) == Some(&rec) {
+                *next += 1;
+                continue;
             }
-            *next += 1;
+            let problem = match rec["seq"].as_u64() {
+                None => Problem::Malformed,
+                Some(seq) if *next == 0 && seq != 1 => Problem::Missing,
+                Some(seq) if *next > 0 && seq <= *next => Problem::Reordered,
+                Some(seq) if seq > *next + 1 => Problem::Missing,
+                Some(_) => Problem::Edited,
+            };
+            return Some((i + 1, problem));
         }
         None
     }
@@ -862,7 +874,15 @@ mod forged {
                 let records = forged.iter().filter(|l| record(l).is_some()).count();
                 prop_assert_eq!(summary.records, records);
             }
-            (Some(line), Err(e)) => prop_assert_eq!(e.line, line, "{}\n{}", e, forged.join("\n")),
+            (Some((line, kind)), Err(e)) => {
+                prop_assert_eq!(
+                    (e.line, e.kind),
+                    (line, kind),
+                    "{}\n{}",
+                    e,
+                    forged.join("\n")
+                )
+            }
             (want, got) => {
                 return Err(TestCaseError::fail(format!(
                     "want {want:?}, got {got:?} for\n{}",
