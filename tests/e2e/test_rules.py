@@ -20,7 +20,7 @@ import time
 import pytest
 import yaml
 
-from harness import ISSUER, Response, assert_insufficient_scope, audits, challenge_of, mint
+from harness import ISSUER, Response, assert_insufficient_scope, audits, challenge_of, mint, phi_guard_stats
 
 PATIENT = "/fhir/Patient/123"
 IDENTITY_HEADERS = ["x-phi-subject", "x-phi-client-id", "x-phi-scopes", "x-phi-rule"]
@@ -305,6 +305,7 @@ def test_old_token_on_lab_delete_is_401_invalid_token(envoy, upstream, keys):
     assert resp.status == 200, (resp.status, resp.text)
     record, _ = audits(envoy, 2)
     assert (record["reason"], record["rule"]) == ("token_too_old", "lab-delete")
+    assert phi_guard_stats(envoy)["denied.token_too_old"] == 1
 
 
 def test_fresh_token_on_lab_delete_is_allowed_and_one_without_iat_is_not(envoy, upstream, keys):
