@@ -269,6 +269,92 @@ mod tests {
         assert_eq!(deny(Reason::InvalidRequest, "x", none).status, 400);
     }
 
+    /// The reason codes README.md lists ("Audit record"), read at test time:
+    /// the contract users key dashboards on, not this file's own list.
+    fn readme_reason_codes() -> Vec<String> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let start = readme
+            .find("Reason codes:")
+            .expect("README lists reason codes");
+        let rest = &readme[start..];
+        let paragraph = &rest[..rest.find("\n\n").unwrap_or(rest.len())];
+        // Parenthesised remarks explain a code; they name none.
+        let mut depth = 0usize;
+        let text: String = paragraph
+            .chars()
+            .filter(|c| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth = depth.saturating_sub(1),
+                    _ => return depth == 0,
+                }
+                false
+            })
+            .collect();
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A distinct number per variant. The match is exhaustive, so a new
+    /// variant does not compile until it is placed here (and so in the checks below).
+    fn ordinal(r: Reason) -> usize {
+        match r {
+            Reason::Ok => 0,
+            Reason::BadPath => 1,
+            Reason::NoRule => 2,
+            Reason::MissingToken => 3,
+            Reason::InvalidRequest => 4,
+            Reason::Malformed => 5,
+            Reason::AlgNotAllowed => 6,
+            Reason::BadType => 7,
+            Reason::UnsupportedCrit => 8,
+            Reason::UnknownIssuer => 9,
+            Reason::WrongAudience => 10,
+            Reason::MissingExp => 11,
+            Reason::Expired => 12,
+            Reason::NotYetValid => 13,
+            Reason::LifetimeTooLong => 14,
+            Reason::UnknownKey => 15,
+            Reason::InvalidSignature => 16,
+            Reason::TokenTooOld => 17,
+            Reason::InsufficientScope => 18,
+            Reason::StepUpRequired(_) => 19,
+            Reason::Revoked => 20,
+            Reason::KeysUnavailable => 21,
+            Reason::ClientClosed => 22,
+            Reason::VerificationRateLimited => 23,
+            Reason::RevocationUnavailable => 24,
+        }
+    }
+
+    #[test]
+    fn reason_codes_are_the_readmes() {
+        let readme = readme_reason_codes();
+        let mut unique = readme.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            readme.len(),
+            "a code twice in README: {readme:?}"
+        );
+        assert!(readme.len() > 20, "README list not found whole: {readme:?}");
+        // Reason::ALL (what stats are registered from) holds every variant ...
+        let mut seen: Vec<usize> = Reason::ALL.iter().map(|r| ordinal(*r)).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, (0..=24).collect::<Vec<_>>());
+        // ... and the codes they give are exactly the README's.
+        let mut ours: Vec<String> = Reason::ALL.iter().map(|r| r.code().to_owned()).collect();
+        ours.sort_unstable();
+        ours.dedup();
+        assert_eq!(ours, unique, "codes differ from README.md's list");
+    }
+
     #[test]
     fn codes_are_unique() {
         let mut codes: Vec<_> = Reason::ALL.iter().map(|r| r.code()).collect();

@@ -116,11 +116,34 @@ struct RawStepUp {
 }
 
 /// A rule's `step_up`: inline, or `"default"` for `step_up_defaults`.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum RawStepUpRef {
     Named(String),
     Inline(RawStepUp),
+}
+
+// By hand rather than `#[serde(untagged)]`, which reports any error inside
+// an inline step-up as "did not match any variant", naming no field.
+impl<'de> Deserialize<'de> for RawStepUpRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = RawStepUpRef;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"default\" or a step-up object")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawStepUpRef, E> {
+                Ok(RawStepUpRef::Named(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawStepUpRef, A::Error> {
+                RawStepUp::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawStepUpRef::Inline)
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 #[derive(Deserialize)]
@@ -370,10 +393,10 @@ const MAX_CHECKPOINT_SECONDS: u64 = 3600;
 impl Policy {
     /// Parses and validates the filter configuration document.
     pub fn from_json(doc: &[u8]) -> Result<Policy, ConfigError> {
-        let raw: RawConfig = serde_json::from_slice(doc).map_err(|e| {
-            // serde names the unknown or missing field in its message.
-            err("(document)", e.to_string())
-        })?;
+        let mut de = serde_json::Deserializer::from_slice(doc);
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| serde_error(e.path(), e.inner()))?;
+        de.end().map_err(|e| err("(document)", e.to_string()))?;
         Policy::compile(raw)
     }
 
@@ -587,6 +610,34 @@ fn compile_source(
     s.authority = authority;
     s.path = path;
     Ok(s)
+}
+
+/// A type or shape error at `path`, spelled like the semantic ones
+/// (`providers[0].jwks.timeout_ms`). A missing or unknown field is reported
+/// by serde at the object holding it; the error names the field itself.
+fn serde_error(path: &serde_path_to_error::Path, e: &serde_json::Error) -> ConfigError {
+    let problem = e.to_string();
+    let mut field = path.to_string();
+    if field == "." {
+        field.clear();
+    }
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|prefix| problem.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next());
+    match named {
+        Some(name) if !field.ends_with(name) => {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(name);
+        }
+        _ => {}
+    }
+    if field.is_empty() {
+        field.push_str("(document)");
+    }
+    err(field, problem)
 }
 
 fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provider, ConfigError> {
@@ -990,6 +1041,28 @@ mod tests {
                 &|d| d["audit"] = json!({"checkpoint_seconds": 0}),
                 "audit.checkpoint_seconds",
             ),
+            // Type and shape errors name their field too, not "(document)".
+            (
+                &|d| d["providers"][0]["jwks"]["timeout_ms"] = json!("2000"),
+                "providers[0].jwks.timeout_ms",
+            ),
+            (
+                &|d| d["rules"][0]["step_up"] = json!({"max_age_seconds": -1}),
+                "rules[0].step_up.max_age_seconds",
+            ),
+            (
+                &|d| d["rules"][0]["step_up"] = json!({"amr": ["otp"]}),
+                "rules[0].step_up.amr",
+            ),
+            (&|d| d["rules"][0]["step_up"] = json!(7), "rules[0].step_up"),
+            (
+                &|d| d["providers"][0]["jwks"] = json!({"uri": "https://idp/keys"}),
+                "providers[0].jwks.cluster",
+            ),
+            (
+                &|d| d["rules"][0]["scope"] = json!(["read"]),
+                "rules[0].scope",
+            ),
         ];
         for (edit, field) in cases {
             let mut doc = base();
@@ -997,12 +1070,12 @@ mod tests {
             let e = load(&doc).unwrap_err();
             assert_eq!(e.field, field, "{doc}: {e}");
         }
-        // Unknown fields and wrong types are refused, naming the field in the message.
-        let mut doc = base();
-        doc["rules"][0]["scope"] = json!(["read"]);
-        let e = load(&doc).unwrap_err();
-        assert!(e.problem.contains("scope"), "{e}");
         assert!(Policy::from_json(b"not json").is_err());
+        let trailing = format!("{} x", base());
+        assert_eq!(
+            Policy::from_json(trailing.as_bytes()).unwrap_err().field,
+            "(document)"
+        );
     }
 
     #[test]
@@ -1158,6 +1231,543 @@ mod hostile {
                 }
             }
             let _ = Policy::from_json(&doc);
+        }
+    }
+}
+
+/// Valid policies changed structurally — a field dropped, retyped or set to
+/// another value, an unknown field added, a rule or provider duplicated —
+/// against what the README promises: a change that leaves a valid policy
+/// loads with exactly the document's values and the README's defaults for
+/// what it leaves out; any other change is refused with an error naming the
+/// field it is about.
+#[cfg(test)]
+mod structural {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    /// Every optional field set away from its default, so a dropped one shows.
+    fn base() -> Value {
+        json!({
+            "providers": [{"name": "idp", "issuer": "https://idp", "audiences": ["api", "api2"],
+                "algorithms": ["RS256", "ES384"], "token_types": ["at+jwt"],
+                "jwks": {"uri": "https://idp/keys", "cluster": "idp", "timeout_ms": 2500,
+                         "cache_seconds": 120, "max_stale_seconds": 600, "min_refetch_seconds": 10,
+                         "retry_seconds": 2}}],
+            "clock_skew_seconds": 30,
+            "max_token_lifetime_seconds": 1800,
+            "forward_token": true,
+            "deny_wildcard_scopes": false,
+            "verified_token_cache_size": 50,
+            "realm": "r",
+            "claims_to_headers": {"sub": "x-phi-subject", "scopes": "x-phi-scopes"},
+            "roles_claim": "roles",
+            "role_scopes": {"clinician": ["read"]},
+            "step_up_defaults": {"acr_values": ["urn:mfa"], "max_age_seconds": 300},
+            "audit": {"hmac_key_env": "KEY"},
+            "rules": [
+                {"id": "h", "path": "/healthz", "public": true},
+                {"id": "e", "methods": ["GET"], "path": "/fhir/$export", "scopes": ["export:bulk"], "step_up": "default"},
+                {"id": "r", "methods": ["GET"], "path": "/fhir/Patient/{id}", "scopes": ["read"], "max_token_age_seconds": 600},
+                {"id": "f", "path": "/files/{rest=**}", "scopes_any": ["a", "b"]},
+                {"id": "s", "methods": ["POST"], "path": "/sign/{id}", "scopes": ["sign"],
+                 "step_up": {"amr_any": ["otp"], "max_age_seconds": 60}}
+            ]
+        })
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Seg {
+        Key(&'static str),
+        At(usize),
+    }
+
+    type Path = Vec<Seg>;
+
+    /// The path as errors spell it: `providers[0].jwks.uri`.
+    fn spelled(path: &[Seg]) -> String {
+        let mut out = String::new();
+        for seg in path {
+            match seg {
+                Seg::Key(k) if out.is_empty() => out.push_str(k),
+                Seg::Key(k) => out.push_str(&format!(".{k}")),
+                Seg::At(i) => out.push_str(&format!("[{i}]")),
+            }
+        }
+        out
+    }
+
+    fn at<'v>(doc: &'v mut Value, path: &[Seg]) -> Option<&'v mut Value> {
+        path.iter().try_fold(doc, |v, seg| match seg {
+            Seg::Key(k) => v.get_mut(*k),
+            Seg::At(i) => v.get_mut(*i),
+        })
+    }
+
+    /// What each field is, by name: a value of the wrong type, and whether it must be there.
+    fn field_kind(name: &str) -> (Value, bool) {
+        let required = matches!(
+            name,
+            "providers"
+                | "name"
+                | "issuer"
+                | "audiences"
+                | "jwks"
+                | "uri"
+                | "cluster"
+                | "id"
+                | "path"
+        );
+        let wrong = match name {
+            "providers" | "rules" => json!({"0": {}}),
+            "jwks" | "step_up_defaults" | "audit" => json!("x"),
+            "claims_to_headers" | "role_scopes" => json!(["sub"]),
+            "step_up" => json!(7),
+            "forward_token" | "deny_wildcard_scopes" | "public" => json!("true"),
+            "audiences" | "algorithms" | "token_types" | "methods" | "scopes" | "scopes_any"
+            | "acr_values" | "amr_any" => json!("x"),
+            "name" | "issuer" | "uri" | "cluster" | "realm" | "roles_claim" | "hmac_key_env"
+            | "id" | "path" => json!(7),
+            _ => json!("7"), // the numbers
+        };
+        (wrong, required)
+    }
+
+    /// Every field of the base document.
+    fn fields() -> Vec<Path> {
+        let doc = base();
+        let mut out = Vec::new();
+        let mut add = |prefix: Path, v: &Value| {
+            for k in v.as_object().unwrap().keys() {
+                let name: &'static str = Box::leak(k.clone().into_boxed_str());
+                let mut p = prefix.clone();
+                p.push(Seg::Key(name));
+                out.push(p);
+            }
+        };
+        add(vec![], &doc);
+        let provider = vec![Seg::Key("providers"), Seg::At(0)];
+        add(provider.clone(), &doc["providers"][0]);
+        add(
+            [provider, vec![Seg::Key("jwks")]].concat(),
+            &doc["providers"][0]["jwks"],
+        );
+        for (i, rule) in doc["rules"].as_array().unwrap().iter().enumerate() {
+            add(vec![Seg::Key("rules"), Seg::At(i)], rule);
+        }
+        add(vec![Seg::Key("step_up_defaults")], &doc["step_up_defaults"]);
+        add(vec![Seg::Key("audit")], &doc["audit"]);
+        add(
+            vec![Seg::Key("rules"), Seg::At(4), Seg::Key("step_up")],
+            &doc["rules"][4]["step_up"],
+        );
+        out
+    }
+
+    #[derive(Debug, Clone)]
+    enum Change {
+        Drop(Path),
+        Retype(Path),
+        Set(Path, Value),
+        Unknown(Path),
+        DuplicateRule(usize),
+        DuplicateProvider,
+    }
+
+    /// What the loader must answer: the field an error names, or a policy.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Want {
+        Loads,
+        Refused(String),
+    }
+
+    fn last(path: &[Seg]) -> &'static str {
+        match path.last() {
+            Some(Seg::Key(k)) => k,
+            _ => "",
+        }
+    }
+
+    /// Applies `change` and says what must come of it.
+    fn apply(doc: &mut Value, change: &Change) -> Want {
+        match change {
+            Change::Drop(path) => {
+                let (parent, name) = (&path[..path.len() - 1], last(path));
+                at(doc, parent)
+                    .and_then(|v| v.as_object_mut())
+                    .unwrap()
+                    .remove(name);
+                if field_kind(name).1 {
+                    return Want::Refused(spelled(path));
+                }
+                // Optional alone, but another field needs it.
+                match spelled(path).as_str() {
+                    "roles_claim" => Want::Refused("roles_claim".into()),
+                    "role_scopes" => Want::Refused("role_scopes".into()),
+                    "step_up_defaults" => Want::Refused("rules[1].step_up".into()),
+                    _ => Want::Loads,
+                }
+            }
+            Change::Retype(path) => {
+                *at(doc, path).unwrap() = field_kind(last(path)).0;
+                Want::Refused(spelled(path))
+            }
+            Change::Set(path, value) => {
+                *at(doc, path).unwrap() = value.clone();
+                match (spelled(path).as_str(), value.as_u64()) {
+                    // README: clock skew at most 300.
+                    ("clock_skew_seconds", Some(s)) if s > 300 => {
+                        Want::Refused("clock_skew_seconds".into())
+                    }
+                    _ => Want::Loads,
+                }
+            }
+            Change::Unknown(path) => {
+                at(doc, path)
+                    .and_then(|v| v.as_object_mut())
+                    .unwrap()
+                    .insert("bogus_field".into(), json!(1));
+                let mut field = path.clone();
+                field.push(Seg::Key("bogus_field"));
+                Want::Refused(spelled(&field))
+            }
+            Change::DuplicateRule(i) => {
+                let rules = doc["rules"].as_array_mut().unwrap();
+                let copy = rules[*i].clone();
+                rules.insert(i + 1, copy);
+                Want::Refused(format!("rules[{}].id", i + 1))
+            }
+            Change::DuplicateProvider => {
+                let providers = doc["providers"].as_array_mut().unwrap();
+                let copy = providers[0].clone();
+                providers.push(copy);
+                Want::Refused("providers[1].name".into())
+            }
+        }
+    }
+
+    /// The document as the README says it is read: every field left out
+    /// takes the README's default ("Configuration reference").
+    fn effective(doc: &Value) -> Value {
+        let or = |v: &Value, key: &str, default: Value| match v.get(key) {
+            Some(x) => x.clone(),
+            None => default,
+        };
+        let dedup = |v: Value| {
+            let mut seen = Vec::new();
+            for x in v.as_array().unwrap() {
+                if !seen.contains(x) {
+                    seen.push(x.clone());
+                }
+            }
+            Value::from(seen)
+        };
+        let lower = |v: Value| {
+            Value::from(
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.as_str().unwrap().to_ascii_lowercase())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let step_up = |s: &Value| {
+            json!({"acr_values": or(s, "acr_values", json!([])), "amr_any": or(s, "amr_any", json!([])),
+                   "max_age_seconds": or(s, "max_age_seconds", Value::Null)})
+        };
+        let providers: Vec<Value> = doc["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let j = &p["jwks"];
+                json!({
+                    "name": p["name"], "issuer": p["issuer"], "audiences": p["audiences"],
+                    "algorithms": dedup(or(p, "algorithms", json!(["RS256", "PS256", "ES256", "EdDSA"]))),
+                    "token_types": lower(or(p, "token_types", json!(["at+jwt", "JWT"]))),
+                    "jwks": {"uri": j["uri"], "cluster": j["cluster"],
+                        "timeout_ms": or(j, "timeout_ms", json!(2000)),
+                        "cache_seconds": or(j, "cache_seconds", json!(300)),
+                        "max_stale_seconds": or(j, "max_stale_seconds", json!(3600)),
+                        "min_refetch_seconds": or(j, "min_refetch_seconds", json!(30)),
+                        "retry_seconds": or(j, "retry_seconds", json!(1))}
+                })
+            })
+            .collect();
+        let rules: Vec<Value> = or(doc, "rules", json!([]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let step = match r.get("step_up") {
+                    None => Value::Null,
+                    Some(Value::String(_)) => step_up(&doc["step_up_defaults"]),
+                    Some(inline) => step_up(inline),
+                };
+                json!({
+                    "id": r["id"], "methods": or(r, "methods", Value::Null), "path": r["path"],
+                    "public": or(r, "public", json!(false)), "scopes": or(r, "scopes", json!([])),
+                    "scopes_any": or(r, "scopes_any", json!([])),
+                    "max_token_age_seconds": or(r, "max_token_age_seconds", Value::Null),
+                    "step_up": step,
+                })
+            })
+            .collect();
+        json!({
+            "providers": providers,
+            "clock_skew_seconds": or(doc, "clock_skew_seconds", json!(60)),
+            "max_token_lifetime_seconds": or(doc, "max_token_lifetime_seconds", json!(3600)),
+            "forward_token": or(doc, "forward_token", json!(false)),
+            "deny_wildcard_scopes": or(doc, "deny_wildcard_scopes", json!(true)),
+            "verified_token_cache_size": or(doc, "verified_token_cache_size", json!(10000)),
+            "realm": or(doc, "realm", json!("phi-guard")),
+            "claims_to_headers": or(doc, "claims_to_headers", json!({})),
+            "roles_claim": or(doc, "roles_claim", Value::Null),
+            "role_scopes": or(doc, "role_scopes", json!({})),
+            "hmac_key_env": doc.get("audit").map_or(Value::Null, |a| or(a, "hmac_key_env", Value::Null)),
+            "rules": rules,
+        })
+    }
+
+    /// The loaded policy in the shape of [`effective`].
+    fn summary(p: &Policy) -> Value {
+        let claim_name = |c: &ForwardedClaim| {
+            ForwardedClaim::NAMES
+                .iter()
+                .find(|(_, w)| w == c)
+                .map(|(n, _)| *n)
+                .unwrap()
+        };
+        json!({
+            "providers": p.providers.iter().map(|p| json!({
+                "name": p.name, "issuer": p.issuer, "audiences": p.audiences,
+                "algorithms": p.algorithms.iter().map(|a| a.name()).collect::<Vec<_>>(),
+                "token_types": p.token_types,
+                "jwks": {"uri": p.jwks.uri, "cluster": p.jwks.cluster, "timeout_ms": p.jwks.timeout_ms,
+                    "cache_seconds": p.jwks.refresh_seconds, "max_stale_seconds": p.jwks.max_stale_seconds,
+                    "min_refetch_seconds": p.jwks.min_refetch_seconds, "retry_seconds": p.jwks.retry_seconds},
+            })).collect::<Vec<_>>(),
+            "clock_skew_seconds": p.clock_skew,
+            "max_token_lifetime_seconds": p.max_token_lifetime,
+            "forward_token": p.forward_token,
+            "deny_wildcard_scopes": p.deny_wildcard_scopes,
+            "verified_token_cache_size": p.verified_token_cache_size,
+            "realm": p.realm,
+            "claims_to_headers": p.claims_to_headers.iter()
+                .map(|(c, h)| (claim_name(c).to_owned(), json!(h)))
+                .collect::<serde_json::Map<_, _>>(),
+            "roles_claim": p.roles_claim,
+            "role_scopes": p.role_scopes,
+            "hmac_key_env": p.audit_hmac_key_env,
+            "rules": p.rules.iter().map(|r| json!({
+                "id": r.id, "methods": r.methods, "path": r.path.as_str(), "public": r.public,
+                "scopes": r.scopes, "scopes_any": r.scopes_any,
+                "max_token_age_seconds": r.max_token_age,
+                "step_up": r.step_up.as_ref().map(|s| json!({"acr_values": s.acr_values,
+                    "amr_any": s.amr_any, "max_age_seconds": s.max_age})),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Loads the changed document and holds the answer to `want`.
+    fn check(doc: &Value, want: &Want) -> Result<(), String> {
+        match (Policy::from_json(doc.to_string().as_bytes()), want) {
+            (Ok(p), Want::Loads) => {
+                let (got, wanted) = (summary(&p), effective(doc));
+                if got == wanted {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "loaded as\n{got}\nbut the README reads it as\n{wanted}"
+                    ))
+                }
+            }
+            (Err(e), Want::Refused(field)) => {
+                // The error is about that field: at it, or at the object
+                // holding it with the field named (serde's missing/unknown field).
+                let (parent, name) = match field.rsplit_once('.') {
+                    Some((parent, name)) => (parent, name),
+                    None => ("", field.as_str()),
+                };
+                let names_it = e.field == *field
+                    || (e.field == parent && e.problem.contains(&format!("`{name}`")));
+                if names_it {
+                    Ok(())
+                } else {
+                    Err(format!("refused, but not naming `{field}`: {e}"))
+                }
+            }
+            (Ok(_), Want::Refused(field)) => Err(format!("loaded; want it refused at `{field}`")),
+            (Err(e), Want::Loads) => Err(format!("refused ({e}); want it loaded")),
+        }
+    }
+
+    fn every_change() -> Vec<Change> {
+        let mut out = Vec::new();
+        for path in fields() {
+            out.push(Change::Drop(path.clone()));
+            out.push(Change::Retype(path));
+        }
+        for object in [
+            vec![],
+            vec![Seg::Key("providers"), Seg::At(0)],
+            vec![Seg::Key("providers"), Seg::At(0), Seg::Key("jwks")],
+            vec![Seg::Key("step_up_defaults")],
+            vec![Seg::Key("audit")],
+            vec![Seg::Key("rules"), Seg::At(4), Seg::Key("step_up")],
+        ] {
+            out.push(Change::Unknown(object));
+        }
+        for i in 0..5 {
+            out.push(Change::Unknown(vec![Seg::Key("rules"), Seg::At(i)]));
+            out.push(Change::DuplicateRule(i));
+        }
+        out.push(Change::DuplicateProvider);
+        out.extend(harmless_sets());
+        let skew = vec![Seg::Key("clock_skew_seconds")];
+        out.push(Change::Set(skew.clone(), json!(300)));
+        out.push(Change::Set(skew, json!(301)));
+        out
+    }
+
+    /// Other valid values.
+    fn harmless_sets() -> Vec<Change> {
+        let p = |segs: &[Seg]| segs.to_vec();
+        vec![
+            Change::Set(p(&[Seg::Key("verified_token_cache_size")]), json!(0)),
+            Change::Set(
+                p(&[Seg::Key("providers"), Seg::At(0), Seg::Key("algorithms")]),
+                json!(["ES384", "RS256", "ES384"]),
+            ),
+            Change::Set(
+                p(&[Seg::Key("providers"), Seg::At(0), Seg::Key("token_types")]),
+                json!(["AT+JWT", "application/jwt"]),
+            ),
+            Change::Set(
+                p(&[Seg::Key("providers"), Seg::At(0), Seg::Key("token_types")]),
+                json!([]),
+            ),
+            Change::Set(
+                p(&[Seg::Key("rules"), Seg::At(2), Seg::Key("methods")]),
+                json!(["GET", "HEAD"]),
+            ),
+        ]
+    }
+
+    #[test]
+    fn the_base_loads_as_written() {
+        check(&base(), &Want::Loads).unwrap();
+    }
+
+    /// Each change alone, every one of them.
+    #[test]
+    fn every_single_change_is_answered_as_promised() {
+        let (mut loads, mut refused, mut wrong) = (0, 0, Vec::new());
+        for change in every_change() {
+            let mut doc = base();
+            let want = apply(&mut doc, &change);
+            match &want {
+                Want::Loads => loads += 1,
+                Want::Refused(_) => refused += 1,
+            }
+            if let Err(e) = check(&doc, &want) {
+                wrong.push(format!("{change:?}: {e}"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} wrong:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        );
+        // Both ways are taken, many times.
+        assert!(
+            loads >= 30 && refused >= 60,
+            "{loads} loaded, {refused} refused"
+        );
+    }
+
+    /// Drops of optional fields that need nothing else and other valid values.
+    fn harmless() -> Vec<Change> {
+        let needed_elsewhere = ["roles_claim", "role_scopes", "step_up_defaults"];
+        let mut out: Vec<Change> = fields()
+            .into_iter()
+            .filter(|p| {
+                let name = last(p);
+                !field_kind(name).1
+                    && !needed_elsewhere.contains(&name)
+                    // Both parts of a step-up gone leave it asking nothing: refused.
+                    && !matches!(name, "acr_values" | "amr_any" | "max_age_seconds")
+            })
+            .map(Change::Drop)
+            .collect();
+        out.extend(harmless_sets());
+        out
+    }
+
+    fn touches(change: &Change, path: &str) -> bool {
+        let p = match change {
+            Change::Drop(p) | Change::Retype(p) | Change::Set(p, _) | Change::Unknown(p) => {
+                spelled(p)
+            }
+            Change::DuplicateRule(_) => "rules".into(),
+            Change::DuplicateProvider => "providers".into(),
+        };
+        // The rule that uses step_up_defaults depends on it.
+        let also = (path == "step_up_defaults").then_some("rules[1].step_up");
+        [Some(path), also]
+            .into_iter()
+            .flatten()
+            .any(|path| path.starts_with(&p) || p.starts_with(path))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Several harmless changes together still load as the README reads them;
+        /// add one harmful change and it is the one the error names.
+        #[test]
+        fn changes_together_are_answered_as_promised(
+            picks in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+            harmful in prop::option::of(any::<prop::sample::Index>()),
+        ) {
+            let all = every_change();
+            let bad: Vec<&Change> = all
+                .iter()
+                .filter(|c| {
+                    let mut d = base();
+                    matches!(apply(&mut d, c), Want::Refused(_))
+                })
+                .collect();
+            let harmful = harmful.map(|i| bad[i.index(bad.len())].clone());
+            let mut doc = base();
+            let mut want = Want::Loads;
+            let target = harmful.as_ref().map(|h| match h {
+                Change::Drop(p) | Change::Retype(p) | Change::Set(p, _) | Change::Unknown(p) => spelled(p),
+                Change::DuplicateRule(_) => "rules".into(),
+                Change::DuplicateProvider => "providers".into(),
+            });
+            let ok = harmless();
+            for i in picks {
+                let change = &ok[i.index(ok.len())];
+                if target.as_deref().is_some_and(|t| touches(change, t)) {
+                    continue;
+                }
+                // A field dropped before: nothing left to drop or set.
+                if let Change::Drop(p) | Change::Set(p, _) = change {
+                    if at(&mut doc, p).is_none() {
+                        continue;
+                    }
+                }
+                prop_assert_eq!(apply(&mut doc, change), Want::Loads);
+            }
+            if let Some(h) = &harmful {
+                want = apply(&mut doc, h);
+            }
+            if let Err(e) = check(&doc, &want) {
+                return Err(TestCaseError::fail(format!("{harmful:?}: {e}")));
+            }
         }
     }
 }

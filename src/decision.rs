@@ -158,6 +158,17 @@ pub fn decide(
             if let Err(reason) = token::check_times(policy, hit.exp, hit.nbf, hit.iat, now) {
                 return deny(reason, Some(index), None);
             }
+            // A verification is worth what the keys behind it are: once they
+            // are past max_stale_seconds, a cached token is refused like any other.
+            if keys(hit.provider).is_none() {
+                if may_wait {
+                    return Verdict::Wait(WaitFor::Keys {
+                        provider: hit.provider,
+                        unknown_kid: false,
+                    });
+                }
+                return deny(Reason::KeysUnavailable, Some(index), None);
+            }
             hit
         }
         None => {
@@ -928,12 +939,48 @@ mod tests {
             Some(Reason::Ok)
         );
         assert_eq!(trace.token_cache_hit, Some(false));
-        // A hit needs no keys, and still ages.
+        // A hit still needs the provider's keys to be usable (README: past
+        // max_stale_seconds requests get 503) ...
+        assert!(matches!(
+            decide(
+                &policy,
+                &Facts {
+                    keys: &no_keys,
+                    revocations: Revocations::Off
+                },
+                &mut state,
+                &req,
+                NOW,
+                true,
+                &mut trace
+            ),
+            Verdict::Wait(WaitFor::Keys {
+                provider: 0,
+                unknown_kid: false
+            })
+        ));
+        assert_eq!(trace.token_cache_hit, Some(true));
         assert_eq!(
             reason(&decide(
                 &policy,
                 &Facts {
                     keys: &no_keys,
+                    revocations: Revocations::Off
+                },
+                &mut state,
+                &req,
+                NOW,
+                false,
+                &mut trace
+            )),
+            Some(Reason::KeysUnavailable)
+        );
+        // ... is answered from the cache with them, and still ages.
+        assert_eq!(
+            reason(&decide(
+                &policy,
+                &Facts {
+                    keys: &keys,
                     revocations: Revocations::Off
                 },
                 &mut state,
@@ -1138,6 +1185,446 @@ mod hostile {
             if let Verdict::Allow { rule, .. } = v {
                 prop_assert_eq!(rule, 0, "only the public rule may allow without a real token");
             }
+        }
+    }
+}
+
+/// Requests made from the policy's own rules and tokens the IdP signed,
+/// checked against a model of README "What a request goes through" (path
+/// safety, rule, token, verification, token age, scopes, step-up). The
+/// generator is made to reach every outcome, allow included, and counts them.
+#[cfg(test)]
+mod modelled {
+    use super::*;
+    use crate::testkit::*;
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use serde_json::json;
+    use std::sync::OnceLock;
+
+    const READ: &str = "read:patient-profile";
+    const BILL: &str = "update:billing";
+    const LAB: &str = "delete:lab-results";
+    const DOCS: &str = "docs:read";
+    const EXPORT: &str = "export:bulk";
+
+    fn rules() -> Vec<serde_json::Value> {
+        vec![
+            json!({"id": "health", "path": "/healthz", "public": true}),
+            json!({"id": "export", "methods": ["GET"], "path": "/fhir/$export", "scopes": [EXPORT],
+                   "step_up": {"acr_values": ["urn:mfa"], "amr_any": ["otp", "hwk"], "max_age_seconds": 300}}),
+            json!({"id": "patient-read", "methods": ["GET"], "path": "/fhir/Patient/{id}", "scopes": [READ]}),
+            json!({"id": "billing", "methods": ["PUT", "PATCH"], "path": "/billing/{account}", "scopes": [BILL]}),
+            json!({"id": "lab-delete", "methods": ["DELETE"], "path": "/labs/{id}", "scopes": [LAB],
+                   "max_token_age_seconds": 300}),
+            json!({"id": "docs", "path": "/docs/{rest=**}", "scopes_any": [DOCS, "docs:admin"]}),
+        ]
+    }
+
+    /// What a signed token says, for the model.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Age {
+        Fresh,
+        Old,
+        NoIat,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum StepUp {
+        None,
+        Done,
+        WrongAcr,
+        WrongAmr,
+        StaleAuth,
+    }
+
+    /// A token as sent, and the one thing wrong with it, if any.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Defect {
+        None,
+        Expired,
+        WrongAudience,
+        Tampered,
+        UnknownKid,
+        AlgNone,
+        Garbage,
+    }
+
+    const SCOPE_SETS: [&[&str]; 7] = [
+        &[],
+        &[READ],
+        &[BILL],
+        &[LAB],
+        &[DOCS],
+        &[EXPORT],
+        &[READ, BILL, LAB, DOCS, EXPORT],
+    ];
+    const AGES: [Age; 3] = [Age::Fresh, Age::Old, Age::NoIat];
+    const STEP_UPS: [StepUp; 5] = [
+        StepUp::None,
+        StepUp::Done,
+        StepUp::WrongAcr,
+        StepUp::WrongAmr,
+        StepUp::StaleAuth,
+    ];
+
+    struct Signed {
+        token: String,
+        scopes: &'static [&'static str],
+        age: Age,
+        step_up: StepUp,
+        defect: Defect,
+    }
+
+    struct Fixture {
+        kit: Kit,
+        policy: Policy,
+        tokens: Vec<Signed>,
+    }
+
+    fn claims(kit: &Kit, scopes: &[&str], age: Age, step_up: StepUp) -> serde_json::Value {
+        let mut c = kit.claims();
+        c["scope"] = scopes.join(" ").into();
+        match age {
+            Age::Fresh => {}
+            Age::Old => {
+                c["iat"] = (NOW - 400).into();
+                c["exp"] = (NOW + 300).into();
+            }
+            Age::NoIat => {
+                c.as_object_mut().unwrap().remove("iat");
+            }
+        }
+        let (acr, amr, auth_time) = match step_up {
+            StepUp::None => return c,
+            StepUp::Done => ("urn:mfa", "otp", NOW - 100),
+            StepUp::WrongAcr => ("urn:pwd", "otp", NOW - 100),
+            StepUp::WrongAmr => ("urn:mfa", "pwd", NOW - 100),
+            StepUp::StaleAuth => ("urn:mfa", "hwk", NOW - 400),
+        };
+        c["acr"] = acr.into();
+        c["amr"] = json!([amr]);
+        c["auth_time"] = auth_time.into();
+        c
+    }
+
+    /// Every combination of scopes, age and step-up, signed by two families;
+    /// then tokens wrong in one way each.
+    fn fixture() -> &'static Fixture {
+        static F: OnceLock<Fixture> = OnceLock::new();
+        F.get_or_init(|| {
+            let kit = Kit::new();
+            let policy = kit.policy(&rules());
+            let mut tokens = Vec::new();
+            for (i, scopes) in SCOPE_SETS.iter().enumerate() {
+                for age in AGES {
+                    for step_up in STEP_UPS {
+                        let signer = if i % 2 == 0 { &kit.eddsa } else { &kit.rs256 };
+                        let token = signer.sign(&claims(&kit, scopes, age, step_up), &[]);
+                        tokens.push(Signed {
+                            token,
+                            scopes,
+                            age,
+                            step_up,
+                            defect: Defect::None,
+                        });
+                    }
+                }
+            }
+            let all = SCOPE_SETS[6];
+            // Several copies each, so that each defect is drawn often enough.
+            let mut bad = |defect, token: String| {
+                for _ in 0..6 {
+                    tokens.push(Signed {
+                        token: token.clone(),
+                        scopes: all,
+                        age: Age::Fresh,
+                        step_up: StepUp::Done,
+                        defect,
+                    });
+                }
+            };
+            let good = claims(&kit, all, Age::Fresh, StepUp::Done);
+            let mut expired = good.clone();
+            expired["iat"] = (NOW - 800).into();
+            expired["exp"] = (NOW - 100).into();
+            bad(Defect::Expired, kit.eddsa.sign(&expired, &[]));
+            let mut other_aud = good.clone();
+            other_aud["aud"] = "https://other.example.org".into();
+            bad(Defect::WrongAudience, kit.rs256.sign(&other_aud, &[]));
+            bad(
+                Defect::Tampered,
+                flip_last_sig_char(&kit.eddsa.sign(&good, &[])),
+            );
+            bad(
+                Defect::UnknownKid,
+                kit.eddsa.sign(&good, &[("kid", "nobody".into())]),
+            );
+            bad(
+                Defect::AlgNone,
+                raw_token(
+                    &json!({"alg": "none", "kid": kit.rs256.kid}),
+                    &good.to_string(),
+                    "",
+                ),
+            );
+            bad(Defect::Garbage, "e30.bm90IGpzb24.c2ln".into());
+            Fixture {
+                kit,
+                policy,
+                tokens,
+            }
+        })
+    }
+
+    /// How a request is made from a rule.
+    #[derive(Debug, Clone)]
+    struct Case {
+        /// Index into `rules()`, or past it for a path no rule has.
+        rule: usize,
+        /// The rule's own method, or one it does not list.
+        wrong_method: bool,
+        segments: Vec<String>,
+        /// Made ambiguous: a `..` encoded, an encoded `/`, an empty segment.
+        unsafe_part: Option<&'static str>,
+        /// An extra segment after the template's last.
+        extra: bool,
+        query: Option<&'static str>,
+        auth: Auth,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Auth {
+        None,
+        Bearer(usize),
+        Two(usize),
+        Basic,
+        WithSpace,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        let n = fixture().tokens.len();
+        let auth = prop_oneof![
+            1 => Just(Auth::None),
+            8 => (0..n).prop_map(Auth::Bearer),
+            1 => (0..n).prop_map(Auth::Two),
+            1 => Just(Auth::Basic),
+            1 => Just(Auth::WithSpace),
+        ];
+        (
+            // The step-up rule three times over: it has the most ways to end.
+            prop::sample::select(vec![0usize, 1, 1, 1, 2, 3, 4, 5, 6]),
+            prop::bool::weighted(0.1),
+            prop::collection::vec("[a-z0-9]{1,6}", 1..4),
+            prop::option::weighted(0.08, prop::sample::select(vec!["%2e%2e", "a%2Fb", ""])),
+            prop::bool::weighted(0.08),
+            prop::option::weighted(0.2, prop::sample::select(vec!["x=1", "access_token=abc"])),
+            auth,
+        )
+            .prop_map(
+                |(rule, wrong_method, segments, unsafe_part, extra, query, auth)| Case {
+                    rule,
+                    wrong_method,
+                    segments,
+                    unsafe_part,
+                    extra,
+                    query,
+                    auth,
+                },
+            )
+    }
+
+    /// The request a case makes: method, path with query, Authorization values.
+    fn request(c: &Case) -> (String, String, Vec<String>) {
+        let seg = |i: usize| c.segments[i % c.segments.len()].clone();
+        let (methods, mut segs): (&[&str], Vec<String>) = match c.rule {
+            0 => (&["GET", "HEAD"], vec!["healthz".into()]),
+            1 => (&["GET"], vec!["fhir".into(), "$export".into()]),
+            2 => (&["GET"], vec!["fhir".into(), "Patient".into(), seg(0)]),
+            3 => (&["PUT", "PATCH"], vec!["billing".into(), seg(0)]),
+            4 => (&["DELETE"], vec!["labs".into(), seg(0)]),
+            5 => (
+                &["GET", "POST"],
+                [vec!["docs".to_string()], c.segments.clone()].concat(),
+            ),
+            _ => (
+                &["GET"],
+                [vec!["nothing".to_string()], c.segments.clone()].concat(),
+            ),
+        };
+        let method = if c.wrong_method {
+            "POST"
+        } else {
+            methods[seg(1).len() % methods.len()]
+        };
+        if c.extra {
+            segs.push(seg(2));
+        }
+        if let Some(part) = c.unsafe_part {
+            // First, so "" is an empty segment ("//x"), not a trailing slash.
+            segs.insert(0, part.into());
+        }
+        let mut path = format!("/{}", segs.join("/"));
+        if let Some(q) = c.query {
+            path = format!("{path}?{q}");
+        }
+        let tokens = &fixture().tokens;
+        let auth = match &c.auth {
+            Auth::None => vec![],
+            Auth::Bearer(i) => vec![format!("Bearer {}", tokens[*i].token)],
+            Auth::Two(i) => vec![format!("Bearer {}", tokens[*i].token); 2],
+            Auth::Basic => vec!["Basic dXNlcjpwdw==".into()],
+            Auth::WithSpace => vec!["Bearer a b".into()],
+        };
+        (method.to_owned(), path, auth)
+    }
+
+    /// The model: which rule (by id), then what the README says of the request.
+    fn expect(c: &Case, method: &str) -> (Reason, Option<&'static str>) {
+        if c.unsafe_part.is_some() {
+            return (Reason::BadPath, None);
+        }
+        // Which rule the path and method land on (first match wins; these never overlap).
+        let rule = match (c.rule, c.extra) {
+            (0, false) => Some("health"),
+            (1, false) if method == "GET" => Some("export"),
+            (2, false) if method == "GET" => Some("patient-read"),
+            (3, false) if ["PUT", "PATCH"].contains(&method) => Some("billing"),
+            (4, false) if method == "DELETE" => Some("lab-delete"),
+            (5, _) => Some("docs"),
+            _ => None,
+        };
+        let Some(rule) = rule else {
+            return (Reason::NoRule, None);
+        };
+        if rule == "health" {
+            return (Reason::Ok, Some(rule));
+        }
+        let token = match &c.auth {
+            Auth::None | Auth::Basic => return (Reason::MissingToken, Some(rule)),
+            Auth::Two(_) | Auth::WithSpace => return (Reason::InvalidRequest, Some(rule)),
+            Auth::Bearer(i) => &fixture().tokens[*i],
+        };
+        if c.query == Some("access_token=abc") {
+            return (Reason::InvalidRequest, Some(rule));
+        }
+        let refused = match token.defect {
+            Defect::None => None,
+            Defect::Expired => Some(Reason::Expired),
+            Defect::WrongAudience => Some(Reason::WrongAudience),
+            Defect::Tampered => Some(Reason::InvalidSignature),
+            Defect::UnknownKid => Some(Reason::UnknownKey),
+            Defect::AlgNone => Some(Reason::AlgNotAllowed),
+            Defect::Garbage => Some(Reason::Malformed),
+        };
+        if let Some(reason) = refused {
+            return (reason, Some(rule));
+        }
+        let has = |s: &str| token.scopes.contains(&s);
+        let outcome = match rule {
+            "lab-delete" if token.age != Age::Fresh => Reason::TokenTooOld,
+            "patient-read" if !has(READ) => Reason::InsufficientScope,
+            "billing" if !has(BILL) => Reason::InsufficientScope,
+            "lab-delete" if !has(LAB) => Reason::InsufficientScope,
+            "docs" if !has(DOCS) => Reason::InsufficientScope,
+            "export" if !has(EXPORT) => Reason::InsufficientScope,
+            "export" => match token.step_up {
+                StepUp::None | StepUp::WrongAcr => Reason::StepUpRequired(StepUpFailure::Acr),
+                StepUp::WrongAmr => Reason::StepUpRequired(StepUpFailure::Amr),
+                StepUp::StaleAuth => Reason::StepUpRequired(StepUpFailure::Age),
+                StepUp::Done => Reason::Ok,
+            },
+            _ => Reason::Ok,
+        };
+        (outcome, Some(rule))
+    }
+
+    /// Runs a case through `decide` and the model; the outcome, for counting.
+    fn check(c: &Case) -> Result<(Reason, Option<&'static str>), TestCaseError> {
+        let f = fixture();
+        let (method, path, auth) = request(c);
+        let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+        let req = Request {
+            method: &method,
+            path: &path,
+            authorization: &auth,
+            source: None,
+        };
+        let verdict = decide(
+            &f.policy,
+            &Facts {
+                keys: &|_| Some(&f.kit.keys),
+                revocations: Revocations::Off,
+            },
+            &mut State::default(),
+            &req,
+            NOW,
+            false,
+            &mut Trace::default(),
+        );
+        let rule_id =
+            |i: &Option<usize>| i.and_then(|i| f.policy.rules.get(i)).map(|r| r.id.as_str());
+        let got = match &verdict {
+            Verdict::Allow { rule, .. } => (Reason::Ok, rule_id(&Some(*rule))),
+            Verdict::Deny { reason, rule, .. } => (*reason, rule_id(rule)),
+            Verdict::Wait(_) => return Err(TestCaseError::fail("asked to wait when it may not")),
+        };
+        let want = expect(c, &method);
+        prop_assert_eq!(got, (want.0, want.1), "{} {} {:?}", method, path, auth);
+        Ok(want)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn requests_from_the_policy_are_decided_as_the_readme_says(c in case()) {
+            check(&c)?;
+        }
+    }
+
+    #[test]
+    fn generator_reaches_allow_and_every_deny_family() {
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for _ in 0..3000 {
+            let c = case().new_tree(&mut runner).unwrap().current();
+            let (reason, rule) = check(&c).unwrap();
+            let name = match (reason, rule) {
+                (Reason::Ok, Some("health")) => "allow public".to_string(),
+                (Reason::Ok, Some(rule)) => format!("allow {rule}"),
+                (Reason::StepUpRequired(f), _) => format!("step_up_required {}", f.code()),
+                (reason, _) => reason.code().to_string(),
+            };
+            *counts.entry(name).or_default() += 1;
+        }
+        let mut want: Vec<String> = ["patient-read", "billing", "lab-delete", "docs", "export"]
+            .iter()
+            .map(|r| format!("allow {r}"))
+            .collect();
+        want.push("allow public".into());
+        for reason in [
+            Reason::BadPath,
+            Reason::NoRule,
+            Reason::MissingToken,
+            Reason::InvalidRequest,
+            Reason::Malformed,
+            Reason::AlgNotAllowed,
+            Reason::WrongAudience,
+            Reason::Expired,
+            Reason::UnknownKey,
+            Reason::InvalidSignature,
+            Reason::TokenTooOld,
+            Reason::InsufficientScope,
+        ] {
+            want.push(reason.code().into());
+        }
+        for part in ["acr", "amr", "age"] {
+            want.push(format!("step_up_required {part}"));
+        }
+        for name in want {
+            let n = counts.get(&name).copied().unwrap_or(0);
+            assert!(n >= 10, "{name}: reached {n} times in 3000: {counts:?}");
         }
     }
 }

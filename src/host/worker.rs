@@ -125,7 +125,7 @@ impl Worker {
             let src = Self::source(&policy, doc);
             docs.get(doc)
                 .zip(src)
-                .is_some_and(|(d, s)| d.clock.usable(s, now))
+                .is_some_and(|(d, s)| d.clock.usable(s, now_ms))
         };
         let key_set = |i: usize| -> Option<&KeySet> {
             if usable(i) {
@@ -140,7 +140,7 @@ impl Worker {
                 let freshness = docs
                     .get(doc)
                     .zip(Self::source(&policy, doc))
-                    .map_or(Freshness::Failed, |(d, s)| d.clock.freshness(s, now));
+                    .map_or(Freshness::Failed, |(d, s)| d.clock.freshness(s, now_ms));
                 match (freshness, list) {
                     (Freshness::Usable, Some(list)) => Revocations::Fresh(list),
                     (_, Some(list)) => Revocations::Stale(list),
@@ -336,7 +336,6 @@ impl Worker {
     }
 
     fn gauges(&mut self, now_ms: u64) {
-        let now = secs(now_ms);
         let providers = self.policy.providers.len();
         let key_age = self
             .fetcher
@@ -344,7 +343,7 @@ impl Worker {
             .iter()
             .take(providers)
             .filter_map(|d| d.clock.fetched_at)
-            .map(|at| now.saturating_sub(at))
+            .map(|at| secs(now_ms.saturating_sub(at)))
             .max()
             .unwrap_or(0);
         metrics::set(self.metrics.key_age_seconds, key_age);
@@ -352,13 +351,13 @@ impl Worker {
             let d = self.fetcher.docs.get(doc);
             let age = d
                 .and_then(|d| d.clock.fetched_at)
-                .map_or(0, |at| now.saturating_sub(at));
+                .map_or(0, |at| secs(now_ms.saturating_sub(at)));
             metrics::set(self.metrics.revocation_age_seconds, age);
             let entries = self.revocations.as_ref().map_or(0, |l| l.len());
             metrics::set(self.metrics.revocation_entries, entries as u64);
             let freshness = d
                 .zip(Self::source(&self.policy, doc))
-                .map(|(d, s)| d.clock.freshness(s, now));
+                .map(|(d, s)| d.clock.freshness(s, now_ms));
             if self.served && freshness != self.revocation_freshness {
                 match freshness {
                     Some(Freshness::Usable) if self.revocation_freshness.is_some() => {

@@ -330,7 +330,7 @@ class JwksServer(_Server):
         self.status = 200
         self.delay_seconds = 0.0
         self.body = b""
-        super().__init__(_JwksHandler, port)
+        super().__init__(_HoldingJwksHandler, port)
         self.set_keys(*keys)
 
     def set_keys(self, *keys: KeyPair) -> None:
@@ -369,6 +369,71 @@ class JwksServer(_Server):
         hold, self._placeholder = self._placeholder, None
         if hold is not None:
             hold.close()
+
+    # -- holding answers: a fetch stays "in flight" until the test says ------
+
+    def hold(self) -> None:
+        """Requests that arrive from now on wait, unanswered, until `release()`."""
+        gate = self._gate()
+        with gate:
+            self._gate_closed = True
+
+    def release(self) -> None:
+        """Lets every held request through, answered with what is set by then."""
+        gate = self._gate()
+        with gate:
+            self._gate_closed = False
+            gate.notify_all()
+
+    def wait_held(self, count: int = 1, timeout: float = 30) -> bool:
+        """Waits until `count` requests are held; False if they did not come."""
+        gate = self._gate()
+        with gate:
+            return gate.wait_for(lambda: self._gate_waiting >= count, timeout=timeout)
+
+    @property
+    def held(self) -> int:
+        """How many requests are held right now."""
+        gate = self._gate()
+        with gate:
+            return self._gate_waiting
+
+    def arrivals(self) -> list[float]:
+        """`time.monotonic()` of every request's arrival (held or not), in order."""
+        gate = self._gate()
+        with gate:
+            return list(self._arrivals)
+
+    def _gate(self) -> threading.Condition:
+        # Made on first use: __init__ stays as it was.
+        with self.lock:
+            if getattr(self, "_gate_cond", None) is None:
+                self._gate_cond = threading.Condition()
+                self._gate_closed = False
+                self._gate_waiting = 0
+                self._arrivals: list[float] = []
+            return self._gate_cond
+
+    def _arrived(self) -> None:
+        """A request came in: note when, and wait here while held."""
+        gate = self._gate()
+        with gate:
+            self._arrivals.append(time.monotonic())
+            if not self._gate_closed:
+                return
+            self._gate_waiting += 1
+            gate.notify_all()
+            # Bounded: an answer a failed test left held still goes out.
+            gate.wait_for(lambda: not self._gate_closed, timeout=120)
+            self._gate_waiting -= 1
+
+
+class _HoldingJwksHandler(_JwksHandler):
+    """Notes the arrival and waits while the server is held (JwksServer.hold), then answers as usual."""
+
+    def do_GET(self):
+        self.server.owner._arrived()
+        super().do_GET()
 
 
 class MisbehavingJwks:
@@ -908,3 +973,25 @@ def audits(envoy, count: int) -> list[dict | None]:
         raw = r.get("audit")
         out.append(None if raw in (None, "", "-") else json.loads(raw))
     return out
+
+
+def phi_guard_stats(envoy) -> dict[str, int]:
+    """The filter's metrics from admin /stats without the `wasmcustom.phi_guard.`
+    prefix: {"allowed": n, "denied.expired": n, "jwks_key_age_seconds": n, ...}."""
+    text = envoy.admin("/stats?filter=%5Ewasmcustom%5C.phi_guard%5C.").text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith("wasmcustom.phi_guard.") and value.strip().lstrip("-").isdigit():
+            out[name[len("wasmcustom.phi_guard.") :]] = int(value)
+    return out
+
+
+def readme_reason_codes() -> list[str]:
+    """The reason codes the README lists under "Audit record" (the contract
+    dashboards key on), in the README's order."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("Reason codes:")
+    paragraph = text[start : text.index("\n\n", start)]
+    # A code is a backticked lower_snake word; parentheses explain, they list none.
+    return re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)", "", paragraph))
