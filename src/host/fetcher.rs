@@ -199,7 +199,7 @@ impl Fetcher {
         // Only root callbacks get here (see `root_context_id`); made sure of anyway.
         let _ = abi::set_effective_context(self.root_context_id);
         d.clock.started(secs(now_ms), on_demand);
-        match abi::dispatch_http_call(&src.cluster, headers, timeout) {
+        match abi::dispatch_http_call(&src.cluster, headers, None, timeout) {
             Ok(token) => {
                 d.in_flight_until_ms = now_ms.saturating_add(lease_ms);
                 self.callouts.push((token, doc));
