@@ -104,13 +104,13 @@ struct HeaderExt {
 /// A string or an array of strings (`aud`, `scp`).
 #[derive(Deserialize, Debug)]
 #[serde(untagged)]
-enum OneOrMany {
+pub(crate) enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
 impl OneOrMany {
-    fn iter(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &str> {
         let (one, many): (Option<&str>, &[String]) = match self {
             OneOrMany::One(s) => (Some(s.as_str()), &[]),
             OneOrMany::Many(v) => (None, v.as_slice()),
@@ -303,7 +303,10 @@ pub fn check_times(
 }
 
 /// The scopes the configured roles add; a role not in `role_scopes` adds nothing.
-fn role_scopes(policy: &Policy, other: &BTreeMap<String, serde_json::Value>) -> Vec<String> {
+pub(crate) fn role_scopes(
+    policy: &Policy,
+    other: &BTreeMap<String, serde_json::Value>,
+) -> Vec<String> {
     let Some(claim) = policy.roles_claim.as_deref() else {
         return Vec::new();
     };
