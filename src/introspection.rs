@@ -204,7 +204,7 @@ pub enum Outcome {
     /// `"active": false`.
     Inactive,
     /// Active, but refused on its claims (wrong issuer or audience, expired,
-    /// not yet valid): a refusal that time does not lift.
+    /// not yet valid).
     Refused(Reason),
     /// Active, and its claims fit the provider: the token as the answer
     /// describes it (what an opaque token is known by).
@@ -267,9 +267,9 @@ pub fn judge(
 /// One provider's answers, per worker, bounded.
 ///
 /// An active answer is kept `cache_seconds`, never past the token's `exp`;
-/// inactive answers and refusals `cache_seconds`. Every entry lives at
-/// least until the next second, so the requests that waited for an answer
-/// are decided from it. When full, the oldest entry goes (first in, first
+/// inactive answers and refusals `cache_seconds`, except "not yet valid",
+/// which time lifts. Every entry lives at least until the next second, so
+/// the requests that waited for an answer are decided from it. When full, the oldest entry goes (first in, first
 /// out: entries live about equally long, so that is about the one nearest
 /// its end).
 #[derive(Debug, Default)]
@@ -319,6 +319,7 @@ impl IntrospectionCache {
             // An answer whose `exp` is already past (within the clock skew)
             // still decides the requests that waited for it.
             Outcome::Active(t) => kept.min(t.exp.max(now.saturating_add(1))),
+            Outcome::Refused(Reason::NotYetValid) => kept.min(now.saturating_add(1)),
             Outcome::Inactive | Outcome::Refused(_) => kept,
         };
         if !self.entries.contains_key(&key) {
@@ -566,6 +567,10 @@ mod tests {
         assert_eq!(c.get(&d, NOW + 29), Some(Outcome::Inactive));
         assert_eq!(c.get(&d, NOW + 30), None, "inactive: cache_seconds");
         assert_eq!(c.get(&e, NOW + 30), None);
+        // Time lifts "not yet valid": it decides only the waiting requests.
+        c.insert(e, Outcome::Refused(Reason::NotYetValid), NOW, 30);
+        assert!(c.get(&e, NOW).is_some());
+        assert_eq!(c.get(&e, NOW + 1), None);
         assert!(c.get(&b, NOW + 4).is_some());
         assert_eq!(c.get(&b, NOW + 5), None, "never past exp");
         assert!(c.get(&a, NOW + 29).is_some());
