@@ -55,6 +55,12 @@ pub fn extract_bearer<'a>(values: &[&'a str]) -> Result<Option<&'a str>, Reason>
     Ok(Some(token))
 }
 
+/// Whether `token` has the shape of a JWS in compact serialisation: three
+/// dot-separated parts. Anything else is opaque (a JWE has five).
+pub fn is_jws_compact(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
 /// SHA-256 of any bytes (tells whether a JWKS document changed).
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()

@@ -245,6 +245,9 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
         // Only reached if the core asked to wait when told it may not.
         Verdict::Wait(WaitFor::Keys { .. }) => (Reason::KeysUnavailable, None, None),
         Verdict::Wait(WaitFor::Revocations) => (Reason::RevocationUnavailable, None, None),
+        Verdict::Wait(WaitFor::Introspection { .. }) => {
+            (Reason::IntrospectionUnavailable, None, None)
+        }
     };
     w.metrics.decision(reason);
     let rule_ref = rule.and_then(|i| policy.rules.get(i));

@@ -102,6 +102,7 @@ impl Worker {
         match wait {
             WaitFor::Keys { provider, .. } => Some(provider),
             WaitFor::Revocations => self.revocation_doc(),
+            WaitFor::Introspection { .. } => None,
         }
     }
 
