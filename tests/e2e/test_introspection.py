@@ -148,12 +148,16 @@ def test_answers_are_kept_cache_seconds(start, authz, keys):
     assert envoy.get(LABS, token=good).status == 200
     first = time.monotonic()
     assert envoy.get(LABS, token=bad).status == 401
-    for _ in range(3):
+    # Across a second boundary at least: both answers are kept, the inactive one too.
+    again = 0
+    while time.monotonic() - first < 1.5:
         assert envoy.get(LABS, token=good).status == 200
         assert envoy.get(LABS, token=bad).status == 401
+        again += 1
+        time.sleep(0.1)
     assert (authz.asked_about(good), authz.asked_about(bad)) == (1, 1), "inactive answers are kept too"
     stats = envoy.phi_stats()
-    assert (stats.get("introspection_cache.hit"), stats.get("introspection_cache.miss")) == (6, 2), stats
+    assert (stats.get("introspection_cache.hit"), stats.get("introspection_cache.miss")) == (2 * again, 2), stats
 
     # After cache_seconds the server is asked again (and its new word counts).
     authz.answer(good, {"active": False})
