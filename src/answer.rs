@@ -47,6 +47,8 @@ pub enum Reason {
     InsufficientScope,
     StepUpRequired(StepUpFailure),
     Revoked,
+    /// The authorization server says the token is not active (RFC 7662).
+    Inactive,
     /// The source used up its budget of failed signature checks this second;
     /// the token was refused without one.
     VerificationRateLimited,
@@ -54,6 +56,9 @@ pub enum Reason {
     /// A sensitive rule, and no revocation list in force (unreachable past
     /// `max_stale_seconds`, or never fetched).
     RevocationUnavailable,
+    /// An `introspect` rule, and the introspection endpoint gave no usable
+    /// answer (down, slow past `timeout_ms`, not 200, not an RFC 7662 response).
+    IntrospectionUnavailable,
     /// The client went away while its request waited for keys; nothing was
     /// forwarded and no answer was sent.
     ClientClosed,
@@ -84,15 +89,17 @@ impl Reason {
             Reason::InsufficientScope => "insufficient_scope",
             Reason::StepUpRequired(_) => "step_up_required",
             Reason::Revoked => "revoked",
+            Reason::Inactive => "inactive",
             Reason::VerificationRateLimited => "verification_rate_limited",
             Reason::KeysUnavailable => "keys_unavailable",
             Reason::RevocationUnavailable => "revocation_unavailable",
+            Reason::IntrospectionUnavailable => "introspection_unavailable",
             Reason::ClientClosed => "client_closed",
         }
     }
 
     /// Every reason, for stats registration and tests.
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 29] = [
         Reason::Ok,
         Reason::BadPath,
         Reason::NoRule,
@@ -116,9 +123,11 @@ impl Reason {
         Reason::StepUpRequired(StepUpFailure::Amr),
         Reason::StepUpRequired(StepUpFailure::Age),
         Reason::Revoked,
+        Reason::Inactive,
         Reason::VerificationRateLimited,
         Reason::KeysUnavailable,
         Reason::RevocationUnavailable,
+        Reason::IntrospectionUnavailable,
         Reason::ClientClosed,
     ];
 }
@@ -177,9 +186,10 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
             (401, Some(www), "stronger authentication required\n")
         }
         // ClientClosed is never sent; were it, it would be this.
-        Reason::KeysUnavailable | Reason::RevocationUnavailable | Reason::ClientClosed => {
-            (503, None, "service unavailable\n")
-        }
+        Reason::KeysUnavailable
+        | Reason::RevocationUnavailable
+        | Reason::IntrospectionUnavailable
+        | Reason::ClientClosed => (503, None, "service unavailable\n"),
         Reason::Ok => (500, None, "internal error\n"),
         Reason::Malformed
         | Reason::AlgNotAllowed
@@ -195,6 +205,7 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
         | Reason::InvalidSignature
         | Reason::TokenTooOld
         | Reason::Revoked
+        | Reason::Inactive
         | Reason::VerificationRateLimited => (
             401,
             Some("Bearer error=\"invalid_token\"".to_string()),
@@ -225,6 +236,7 @@ mod tests {
             Reason::InvalidSignature,
             Reason::UnknownKey,
             Reason::TokenTooOld,
+            Reason::Inactive,
         ] {
             let a = deny(r, "x", none);
             assert_eq!(
@@ -266,6 +278,8 @@ mod tests {
         assert_eq!(deny(Reason::NoRule, "x", none).status, 403);
         assert_eq!(deny(Reason::BadPath, "x", none).status, 400);
         assert_eq!(deny(Reason::KeysUnavailable, "x", none).status, 503);
+        let a = deny(Reason::IntrospectionUnavailable, "x", none);
+        assert_eq!((a.status, a.www_authenticate), (503, None));
         assert_eq!(deny(Reason::InvalidRequest, "x", none).status, 400);
     }
 
@@ -328,6 +342,8 @@ mod tests {
             Reason::ClientClosed => 22,
             Reason::VerificationRateLimited => 23,
             Reason::RevocationUnavailable => 24,
+            Reason::Inactive => 25,
+            Reason::IntrospectionUnavailable => 26,
         }
     }
 
@@ -347,7 +363,7 @@ mod tests {
         let mut seen: Vec<usize> = Reason::ALL.iter().map(|r| ordinal(*r)).collect();
         seen.sort_unstable();
         seen.dedup();
-        assert_eq!(seen, (0..=24).collect::<Vec<_>>());
+        assert_eq!(seen, (0..=26).collect::<Vec<_>>());
         // ... and the codes they give are exactly the README's.
         let mut ours: Vec<String> = Reason::ALL.iter().map(|r| r.code().to_owned()).collect();
         ours.sort_unstable();

@@ -157,6 +157,23 @@ struct RawProvider {
     #[serde(default = "defaults::token_types")]
     token_types: Vec<String>,
     jwks: RawJwks,
+    #[serde(default)]
+    introspection: Option<RawIntrospection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntrospection {
+    uri: String,
+    cluster: String,
+    client_id: String,
+    client_secret_env: String,
+    #[serde(default = "defaults::timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "defaults::introspection_cache_seconds")]
+    cache_seconds: u64,
+    #[serde(default = "defaults::token_cache")]
+    cache_size: usize,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +212,10 @@ struct RawRule {
     step_up: Option<RawStepUpRef>,
     #[serde(default)]
     sensitive: bool,
+    #[serde(default)]
+    introspect: bool,
+    #[serde(default)]
+    provider: Option<String>,
 }
 
 mod defaults {
@@ -247,6 +268,9 @@ mod defaults {
     }
     pub fn checkpoint_seconds() -> u64 {
         10
+    }
+    pub fn introspection_cache_seconds() -> u64 {
+        30
     }
 }
 
@@ -325,6 +349,30 @@ pub struct Provider {
     /// Accepted header `typ` values, lower-cased; empty means not checked.
     pub token_types: Vec<String>,
     pub jwks: FetchSource,
+    /// Where its tokens are introspected (RFC 7662), if anywhere.
+    pub introspection: Option<IntrospectionEndpoint>,
+}
+
+/// A provider's token introspection endpoint (RFC 7662) and how its answers
+/// are kept.
+#[derive(Debug)]
+pub struct IntrospectionEndpoint {
+    pub uri: String,
+    /// `:authority` and `:path` of the callout, split from `uri`.
+    pub authority: String,
+    pub path: String,
+    pub cluster: String,
+    /// phi-guard's client id at the authorization server.
+    pub client_id: String,
+    /// The environment variable holding the client secret: the host reads it
+    /// at start, so the secret is never part of the policy.
+    pub client_secret_env: String,
+    /// Callout timeout; also how long a request waits for the answer.
+    pub timeout_ms: u64,
+    /// How long an answer is kept (an active one never past its `exp`).
+    pub cache_seconds: u64,
+    /// Answers kept per worker, at most.
+    pub cache_size: usize,
 }
 
 /// Where and how often a document (a JWKS, the revocation list) is fetched.
@@ -360,6 +408,20 @@ pub struct Rule {
     pub step_up: Option<StepUp>,
     /// Fails closed (503) when the revocation list is older than it may be.
     pub sensitive: bool,
+    /// Set on an `introspect` rule: a token is also asked about at the
+    /// authorization server before it is allowed.
+    pub introspect: Option<Introspect>,
+}
+
+/// Which provider an `introspect` rule's tokens are introspected at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Introspect {
+    /// The rule's `provider`: only that provider's tokens are accepted.
+    pub provider: Option<usize>,
+    /// Where an opaque (non-JWT) token is introspected: the named provider,
+    /// else the only provider with an introspection block. `None` (several
+    /// have one and the rule names none): opaque tokens are refused.
+    pub opaque: Option<usize>,
 }
 
 impl Rule {
@@ -389,6 +451,9 @@ const MAX_TOKEN_CACHE: usize = 1_000_000;
 const MAX_VERIFICATION_BUDGET: u32 = 100_000;
 /// An hour: a longer gap leaves too long a tail that no checkpoint vouches for.
 const MAX_CHECKPOINT_SECONDS: u64 = 3600;
+/// An introspection answer kept longer would keep a token the authorization
+/// server revoked usable longer than most tokens live.
+const MAX_INTROSPECTION_CACHE_SECONDS: u64 = 3600;
 
 impl Policy {
     /// Parses and validates the filter configuration document.
@@ -450,7 +515,7 @@ impl Policy {
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
             let at = |f: &str| format!("rules[{i}].{f}");
-            let rule = compile_rule(r, &at, defaults.as_ref())?;
+            let rule = compile_rule(r, &at, defaults.as_ref(), &providers)?;
             if !ids.insert(rule.id.clone()) {
                 return Err(err(at("id"), "duplicate rule id"));
             }
@@ -519,7 +584,7 @@ impl Policy {
             }
         }
         if let Some(name) = &raw.audit.hmac_key_env {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            if !is_env_name(name) {
                 return Err(err(
                     "audit.hmac_key_env",
                     "must be an environment variable name",
@@ -580,27 +645,44 @@ impl Policy {
     }
 }
 
+/// An environment variable name: letters, digits, `_`.
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Checks a callout's endpoint and splits its URI into the callout's
+/// `:authority` and `:path`; `at(field)` names a field in errors.
+fn compile_endpoint(
+    uri: &str,
+    cluster: &str,
+    timeout_ms: u64,
+    at: &dyn Fn(&str) -> String,
+) -> Result<(String, String), ConfigError> {
+    let (authority, path) = split_http_uri(uri).ok_or_else(|| {
+        err(
+            at("uri"),
+            "must be an absolute http:// or https:// URI with a host",
+        )
+    })?;
+    if cluster.is_empty() {
+        return Err(err(at("cluster"), "must name an Envoy cluster"));
+    }
+    if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+        return Err(err(
+            at("timeout_ms"),
+            format!("must be 1..={MAX_TIMEOUT_MS}"),
+        ));
+    }
+    Ok((authority, path))
+}
+
 /// Checks a fetched document's source and splits its URI into the callout's
 /// `:authority` and `:path`; `at(field)` names a field in errors.
 fn compile_source(
     mut s: FetchSource,
     at: &dyn Fn(&str) -> String,
 ) -> Result<FetchSource, ConfigError> {
-    let (authority, path) = split_http_uri(&s.uri).ok_or_else(|| {
-        err(
-            at("uri"),
-            "must be an absolute http:// or https:// URI with a host",
-        )
-    })?;
-    if s.cluster.is_empty() {
-        return Err(err(at("cluster"), "must name an Envoy cluster"));
-    }
-    if s.timeout_ms == 0 || s.timeout_ms > MAX_TIMEOUT_MS {
-        return Err(err(
-            at("timeout_ms"),
-            format!("must be 1..={MAX_TIMEOUT_MS}"),
-        ));
-    }
+    let (authority, path) = compile_endpoint(&s.uri, &s.cluster, s.timeout_ms, at)?;
     if s.refresh_seconds == 0 {
         return Err(err(at("refresh_seconds"), "must be positive"));
     }
@@ -700,6 +782,12 @@ fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provi
             ))
         },
     )?;
+    let introspection = match p.introspection {
+        None => None,
+        Some(i) => Some(compile_introspection(i, &|f| {
+            at(&format!("introspection.{f}"))
+        })?),
+    };
     Ok(Provider {
         name: p.name,
         issuer: p.issuer,
@@ -707,6 +795,48 @@ fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provi
         algorithms,
         token_types,
         jwks,
+        introspection,
+    })
+}
+
+fn compile_introspection(
+    i: RawIntrospection,
+    at: &dyn Fn(&str) -> String,
+) -> Result<IntrospectionEndpoint, ConfigError> {
+    let (authority, path) = compile_endpoint(&i.uri, &i.cluster, i.timeout_ms, at)?;
+    if i.client_id.is_empty() {
+        return Err(err(at("client_id"), "must not be empty"));
+    }
+    if !is_env_name(&i.client_secret_env) {
+        return Err(err(
+            at("client_secret_env"),
+            "must be an environment variable name (the secret itself never goes in the policy)",
+        ));
+    }
+    if i.cache_seconds == 0 || i.cache_seconds > MAX_INTROSPECTION_CACHE_SECONDS {
+        return Err(err(
+            at("cache_seconds"),
+            format!("must be 1..={MAX_INTROSPECTION_CACHE_SECONDS}"),
+        ));
+    }
+    if i.cache_size == 0 || i.cache_size > MAX_TOKEN_CACHE {
+        return Err(err(
+            at("cache_size"),
+            format!(
+                "must be 1..={MAX_TOKEN_CACHE} (a request that waited is decided from the cache)"
+            ),
+        ));
+    }
+    Ok(IntrospectionEndpoint {
+        uri: i.uri,
+        authority,
+        path,
+        cluster: i.cluster,
+        client_id: i.client_id,
+        client_secret_env: i.client_secret_env,
+        timeout_ms: i.timeout_ms,
+        cache_seconds: i.cache_seconds,
+        cache_size: i.cache_size,
     })
 }
 
@@ -759,6 +889,7 @@ fn compile_rule(
     r: RawRule,
     at: &dyn Fn(&str) -> String,
     step_up_defaults: Option<&StepUp>,
+    providers: &[Provider],
 ) -> Result<Rule, ConfigError> {
     if r.id.is_empty()
         || !r
@@ -802,13 +933,15 @@ fn compile_rule(
             || !r.scopes_any.is_empty()
             || r.max_token_age_seconds.is_some()
             || r.step_up.is_some()
-            || r.sensitive)
+            || r.sensitive
+            || r.introspect)
     {
         return Err(err(
             at("public"),
-            "a public rule cannot require scopes, token age or step-up, nor be sensitive",
+            "a public rule cannot require scopes, token age or step-up, nor be sensitive or introspect",
         ));
     }
+    let introspect = compile_introspect(r.introspect, r.provider.as_deref(), providers, at)?;
     let step_up = match r.step_up {
         None => None,
         Some(RawStepUpRef::Named(name)) if name == "default" => match step_up_defaults {
@@ -838,7 +971,65 @@ fn compile_rule(
         max_token_age: r.max_token_age_seconds,
         step_up,
         sensitive: r.sensitive,
+        introspect,
     })
+}
+
+/// A rule's `introspect` and `provider`: an introspect rule needs a provider
+/// that introspects, and only an introspect rule names one.
+fn compile_introspect(
+    introspect: bool,
+    provider: Option<&str>,
+    providers: &[Provider],
+    at: &dyn Fn(&str) -> String,
+) -> Result<Option<Introspect>, ConfigError> {
+    let named = match provider {
+        None => None,
+        Some(_) if !introspect => {
+            return Err(err(
+                at("provider"),
+                "only a rule with \"introspect\": true names a provider",
+            ))
+        }
+        Some(name) => {
+            let (i, p) = providers
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.name == name)
+                .ok_or_else(|| err(at("provider"), format!("no provider is named {name:?}")))?;
+            if p.introspection.is_none() {
+                return Err(err(
+                    at("provider"),
+                    format!("provider {name:?} has no introspection block"),
+                ));
+            }
+            Some(i)
+        }
+    };
+    if !introspect {
+        return Ok(None);
+    }
+    let mut introspecting = providers
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.introspection.is_some())
+        .map(|(i, _)| i);
+    let first = introspecting.next();
+    if first.is_none() {
+        return Err(err(
+            at("introspect"),
+            "no provider has an introspection block",
+        ));
+    }
+    let only = if introspecting.next().is_none() {
+        first
+    } else {
+        None
+    };
+    Ok(Some(Introspect {
+        provider: named,
+        opaque: named.or(only),
+    }))
 }
 
 /// RFC 6749 scope-token characters; also keeps scopes safe inside a quoted header value.
@@ -1132,6 +1323,178 @@ mod tests {
         let mut doc = base();
         doc["rules"][0] = json!({"id": "r", "path": "/a/{id}", "public": true, "sensitive": true});
         assert_eq!(load(&doc).unwrap_err().field, "rules[0].public");
+    }
+
+    fn introspecting(name: &str, issuer: &str) -> Value {
+        json!({"name": name, "issuer": issuer, "audiences": ["api"],
+            "jwks": {"uri": "https://idp/keys", "cluster": "idp"},
+            "introspection": {"uri": "https://as.example.org/introspect?v=1", "cluster": "as",
+                "client_id": "phi-guard", "client_secret_env": "AS_SECRET"}})
+    }
+
+    #[test]
+    fn introspection_block_defaults_and_rules() {
+        let mut doc = base();
+        doc["providers"][0]["introspection"] = introspecting("x", "y")["introspection"].clone();
+        doc["rules"][0]["introspect"] = json!(true);
+        let p = load(&doc).unwrap();
+        let i = p.providers[0].introspection.as_ref().unwrap();
+        assert_eq!(
+            (i.authority.as_str(), i.path.as_str(), i.cluster.as_str()),
+            ("as.example.org", "/introspect?v=1", "as")
+        );
+        assert_eq!(
+            (i.client_id.as_str(), i.client_secret_env.as_str()),
+            ("phi-guard", "AS_SECRET")
+        );
+        assert_eq!(
+            (i.timeout_ms, i.cache_seconds, i.cache_size),
+            (2000, 30, 10_000)
+        );
+        // The only introspecting provider takes opaque tokens.
+        assert_eq!(
+            p.rules[0].introspect,
+            Some(Introspect {
+                provider: None,
+                opaque: Some(0)
+            })
+        );
+        assert!(load(&base()).unwrap().rules[0].introspect.is_none());
+
+        // Two introspecting providers: a rule naming neither takes no opaque tokens.
+        let mut doc = base();
+        doc["providers"] = json!([
+            base()["providers"][0],
+            introspecting("a", "https://a"),
+            introspecting("b", "https://b")
+        ]);
+        doc["rules"] = json!([
+            {"id": "any", "path": "/any", "introspect": true},
+            {"id": "named", "path": "/named", "introspect": true, "provider": "b"},
+        ]);
+        let p = load(&doc).unwrap();
+        assert_eq!(
+            p.rules[0].introspect,
+            Some(Introspect {
+                provider: None,
+                opaque: None
+            })
+        );
+        assert_eq!(
+            p.rules[1].introspect,
+            Some(Introspect {
+                provider: Some(2),
+                opaque: Some(2)
+            })
+        );
+    }
+
+    #[test]
+    fn introspection_errors_name_the_field() {
+        let with_block = |edit: &dyn Fn(&mut Value)| {
+            let mut doc = base();
+            doc["providers"][0]["introspection"] = introspecting("x", "y")["introspection"].clone();
+            edit(&mut doc["providers"][0]["introspection"]);
+            load(&doc)
+        };
+        let at = |f: &str| format!("providers[0].introspection.{f}");
+        type Edit<'a> = &'a dyn Fn(&mut Value);
+        let cases: Vec<(Edit, String)> = vec![
+            (
+                &|i| i["uri"] = json!("as.example.org/introspect"),
+                at("uri"),
+            ),
+            (&|i| i["cluster"] = json!(""), at("cluster")),
+            (&|i| i["timeout_ms"] = json!(0), at("timeout_ms")),
+            (&|i| i["timeout_ms"] = json!(60_001), at("timeout_ms")),
+            (&|i| i["client_id"] = json!(""), at("client_id")),
+            (
+                &|i| i["client_secret_env"] = json!(""),
+                at("client_secret_env"),
+            ),
+            (
+                &|i| i["client_secret_env"] = json!("AS SECRET"),
+                at("client_secret_env"),
+            ),
+            (&|i| i["cache_seconds"] = json!(0), at("cache_seconds")),
+            (&|i| i["cache_seconds"] = json!(3601), at("cache_seconds")),
+            (&|i| i["cache_size"] = json!(0), at("cache_size")),
+            (&|i| i["cache_size"] = json!(1_000_001), at("cache_size")),
+        ];
+        for (edit, field) in cases {
+            let e = with_block(edit).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        assert!(with_block(&|i| i["cache_size"] = json!(1_000_000)).is_ok());
+        // Required members and unknown ones are named in the message.
+        for (edit, name) in [
+            (
+                &(|i: &mut Value| {
+                    i.as_object_mut().unwrap().remove("client_secret_env");
+                }) as Edit,
+                "client_secret_env",
+            ),
+            (
+                &|i: &mut Value| {
+                    i.as_object_mut().unwrap().remove("client_id");
+                },
+                "client_id",
+            ),
+            (
+                &|i: &mut Value| i["client_secret"] = json!("s3cret"),
+                "client_secret",
+            ),
+        ] {
+            let e = with_block(edit).unwrap_err();
+            assert!(e.to_string().contains(name), "{e} should name {name}");
+        }
+
+        // Rules.
+        let rule = |r: Value, introspects: bool| {
+            let mut doc = base();
+            if introspects {
+                doc["providers"][0]["introspection"] =
+                    introspecting("x", "y")["introspection"].clone();
+            }
+            doc["rules"][0] = r;
+            load(&doc)
+        };
+        let cases = [
+            (
+                json!({"id": "r", "path": "/a", "introspect": true}),
+                false,
+                "rules[0].introspect",
+            ),
+            (
+                json!({"id": "r", "path": "/a", "introspect": true, "provider": "nobody"}),
+                true,
+                "rules[0].provider",
+            ),
+            (
+                json!({"id": "r", "path": "/a", "introspect": true, "provider": "idp"}),
+                false,
+                "rules[0].provider",
+            ),
+            (
+                json!({"id": "r", "path": "/a", "provider": "idp"}),
+                true,
+                "rules[0].provider",
+            ),
+            (
+                json!({"id": "r", "path": "/a", "public": true, "introspect": true}),
+                true,
+                "rules[0].public",
+            ),
+        ];
+        for (r, introspects, field) in cases {
+            let e = rule(r.clone(), introspects).unwrap_err();
+            assert_eq!(e.field, field, "{r}: {e}");
+        }
+        assert!(rule(
+            json!({"id": "r", "path": "/a", "introspect": true, "provider": "idp"}),
+            true
+        )
+        .is_ok());
     }
 
     #[test]

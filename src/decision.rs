@@ -1,12 +1,13 @@
-//! One request's decision: path safety, rule, token, revocation, token age,
-//! scopes, step-up — in that order, each a value the host turns into an
-//! answer.
+//! One request's decision: path safety, rule, token, revocation,
+//! introspection, token age, scopes, step-up — in that order, each a value
+//! the host turns into an answer.
 
 use std::rc::Rc;
 
 use crate::answer::{Challenge, Reason, StepUpFailure};
 use crate::budget::VerificationBudget;
 use crate::config::{ForwardedClaim, Policy, Rule, StepUp};
+use crate::introspection::{self, IntrospectionCache, Outcome, TokenKey};
 use crate::jwks::KeySet;
 use crate::revocation::RevocationList;
 use crate::rules::{query_has_access_token, scopes_satisfied, SafePath};
@@ -49,6 +50,9 @@ pub enum WaitFor {
     Keys { provider: usize, unknown_kid: bool },
     /// The first revocation list.
     Revocations,
+    /// The authorization server's answer about the token with SHA-256 `key`
+    /// (an `introspect` rule).
+    Introspection { provider: usize, key: TokenKey },
 }
 
 /// The revocation list as the worker holds it.
@@ -79,6 +83,9 @@ pub struct Facts<'a> {
 pub struct State {
     pub cache: TokenCache,
     pub budget: VerificationBudget,
+    /// Introspection answers, by provider (empty for one without an
+    /// introspection block). The host puts them in as they arrive.
+    pub introspection: Vec<IntrospectionCache>,
 }
 
 impl State {
@@ -87,6 +94,13 @@ impl State {
         State {
             cache: TokenCache::new(policy.verified_token_cache_size),
             budget: VerificationBudget::new(policy.verification_budget),
+            introspection: policy
+                .providers
+                .iter()
+                .map(|p| {
+                    IntrospectionCache::new(p.introspection.as_ref().map_or(0, |i| i.cache_size))
+                })
+                .collect(),
         }
     }
 }
@@ -99,14 +113,21 @@ pub struct Trace {
     /// Decided without a revocation list in force (set by the host, which
     /// knows how fresh its list is).
     pub revocation_stale: bool,
+    /// Whether a kept introspection answer was found (`None`: not asked).
+    pub introspection_cache_hit: Option<bool>,
 }
 
 /// Decides `req` at Unix time `now`.
 ///
 /// With `may_wait`, what a fetch may still bring (keys, a `kid`, the first
-/// revocation list) yields [`Verdict::Wait`]; without, its absence is final
-/// (503 or 401). A token not in the state's cache is checked within its
-/// source's verification budget.
+/// revocation list, an introspection answer) yields [`Verdict::Wait`];
+/// without, its absence is final (503 or 401). A token not in the state's
+/// cache is checked within its source's verification budget.
+///
+/// A token that is not JWS compact (three dot-separated parts) is opaque:
+/// on an `introspect` rule with a provider to ask it is known by the
+/// introspection answer alone; anywhere else it is malformed. A JWT is
+/// introspected only once every JWT check and revocation passed.
 pub fn decide(
     policy: &Policy,
     facts: &Facts<'_>,
@@ -149,6 +170,18 @@ pub fn decide(
     // A token in the query as well as the header: two credentials, read neither.
     if query_has_access_token(req.path) {
         return deny(Reason::InvalidRequest, Some(index), None);
+    }
+
+    if !token::is_jws_compact(raw) {
+        let Some(provider) = rule.introspect.and_then(|i| i.opaque) else {
+            return deny(Reason::Malformed, Some(index), None);
+        };
+        let verified = match introspected(state, provider, raw, now, may_wait, trace) {
+            Ok(t) => t,
+            Err(Held::Wait(wait)) => return Verdict::Wait(wait),
+            Err(Held::Deny(reason)) => return deny(reason, Some(index), None),
+        };
+        return revoked_or_authorized(policy, facts, rule, index, verified, now, may_wait);
     }
 
     let (cache, budget, keys) = (&mut state.cache, &mut state.budget, facts.keys);
@@ -212,12 +245,98 @@ pub fn decide(
         Err(RevocationCheck::Wait) => return Verdict::Wait(WaitFor::Revocations),
         Err(RevocationCheck::Deny(reason)) => return deny(reason, Some(index), Some(verified)),
     }
+    if let Some(introspect) = rule.introspect {
+        // The rule trusts only providers that can be asked (the one it names).
+        let askable = introspect.provider.is_none_or(|p| p == verified.provider)
+            && policy
+                .providers
+                .get(verified.provider)
+                .is_some_and(|p| p.introspection.is_some());
+        if !askable {
+            return deny(Reason::UnknownIssuer, Some(index), Some(verified));
+        }
+        // Only whether it is active: identity and scopes stay the JWT's.
+        match introspected(state, verified.provider, raw, now, may_wait, trace) {
+            Ok(_) => {}
+            Err(Held::Wait(wait)) => return Verdict::Wait(wait),
+            Err(Held::Deny(reason)) => return deny(reason, Some(index), Some(verified)),
+        }
+    }
+    authorized(policy, rule, index, verified, now)
+}
+
+/// Revocation, then the per-rule checks, for a token known by its
+/// introspection answer.
+fn revoked_or_authorized(
+    policy: &Policy,
+    facts: &Facts<'_>,
+    rule: &Rule,
+    index: usize,
+    verified: Rc<VerifiedToken>,
+    now: i64,
+    may_wait: bool,
+) -> Verdict {
+    match check_revocation(facts.revocations, rule, &verified, may_wait) {
+        Ok(()) => authorized(policy, rule, index, verified, now),
+        Err(RevocationCheck::Wait) => Verdict::Wait(WaitFor::Revocations),
+        Err(RevocationCheck::Deny(reason)) => Verdict::Deny {
+            reason,
+            rule: Some(index),
+            token: Some(verified),
+        },
+    }
+}
+
+/// The verdict of the per-rule checks on a token that passed the others.
+fn authorized(
+    policy: &Policy,
+    rule: &Rule,
+    index: usize,
+    verified: Rc<VerifiedToken>,
+    now: i64,
+) -> Verdict {
     match authorize(policy, rule, &verified, now) {
         Ok(()) => Verdict::Allow {
             rule: index,
             token: Some(verified),
         },
-        Err(reason) => deny(reason, Some(index), Some(verified)),
+        Err(reason) => Verdict::Deny {
+            reason,
+            rule: Some(index),
+            token: Some(verified),
+        },
+    }
+}
+
+/// Why a token has no introspection answer to go on.
+enum Held {
+    Wait(WaitFor),
+    Deny(Reason),
+}
+
+/// The kept introspection answer about `raw` at `provider`: the token as
+/// the answer describes it, a refusal, or none yet (wait for the callout,
+/// or 503 when waiting is over).
+fn introspected(
+    state: &mut State,
+    provider: usize,
+    raw: &str,
+    now: i64,
+    may_wait: bool,
+    trace: &mut Trace,
+) -> Result<Rc<VerifiedToken>, Held> {
+    let key = introspection::key(raw);
+    let kept = state
+        .introspection
+        .get_mut(provider)
+        .and_then(|cache| cache.get(&key, now));
+    trace.introspection_cache_hit = Some(kept.is_some());
+    match kept {
+        Some(Outcome::Active(t)) => Ok(t),
+        Some(Outcome::Inactive) => Err(Held::Deny(Reason::Inactive)),
+        Some(Outcome::Refused(reason)) => Err(Held::Deny(reason)),
+        None if may_wait => Err(Held::Wait(WaitFor::Introspection { provider, key })),
+        None => Err(Held::Deny(Reason::IntrospectionUnavailable)),
     }
 }
 
@@ -374,6 +493,7 @@ mod tests {
             &mut State {
                 cache: TokenCache::new(0),
                 budget: VerificationBudget::new(0),
+                introspection: Vec::new(),
             },
             &req,
             now,
@@ -699,6 +819,7 @@ mod tests {
         let mut state = State {
             cache: TokenCache::new(100),
             budget: VerificationBudget::new(3),
+            introspection: Vec::new(),
         };
         let keys = |_: usize| Some(&kit.keys);
         let mut ask = |token: &str, source: &str, now: i64| {
@@ -813,6 +934,7 @@ mod tests {
         let mut state = State {
             cache: TokenCache::new(10),
             budget: VerificationBudget::new(0),
+            introspection: Vec::new(),
         };
         let gone = {
             let mut c = kit.claims();
@@ -873,6 +995,283 @@ mod tests {
         }
     }
 
+    /// An `introspect` rule: a JWT that passed every other check is asked
+    /// about (wait, then the kept answer decides); an opaque token is known
+    /// by the answer alone, and only there.
+    #[test]
+    fn introspect_rules() {
+        let kit = Kit::new();
+        let introspection = json!({"uri": "http://as/introspect", "cluster": "as",
+            "client_id": "phi-guard", "client_secret_env": "AS_SECRET"});
+        let policy = kit.policy_with(|p| {
+            p["providers"][0]["introspection"] = introspection.clone();
+            p["rules"] = json!([
+                {"id": "read", "methods": ["GET"], "path": "/fhir/Patient/{id}", "scopes": ["read:patient-profile"]},
+                {"id": "labs", "methods": ["GET"], "path": "/labs/{id}", "scopes": ["read:patient-profile"], "introspect": true},
+            ]);
+            p["revocation"] = json!({"uri": "http://lists/revoked", "cluster": "lists"});
+        });
+        let list = RevocationList::parse(br#"{"sub": ["user-gone"]}"#).unwrap();
+        let keys = |_: usize| Some(&kit.keys);
+        let mut state = State::new(&policy);
+        let ask = |state: &mut State, token: &str, path: &str, may_wait: bool| {
+            let auth = format!("Bearer {token}");
+            let auth = [auth.as_str()];
+            let req = Request {
+                method: "GET",
+                path,
+                authorization: &auth,
+                source: None,
+            };
+            let facts = Facts {
+                keys: &keys,
+                revocations: Revocations::Fresh(&list),
+            };
+            let mut trace = Trace::default();
+            let v = decide(&policy, &facts, state, &req, NOW, may_wait, &mut trace);
+            (v, trace.introspection_cache_hit)
+        };
+        let answer = |state: &mut State, token: &str, doc: serde_json::Value| {
+            let parsed = introspection::Introspection::parse(doc.to_string().as_bytes()).unwrap();
+            let outcome = introspection::judge(&parsed, &policy, 0, token, NOW);
+            state.introspection[0].insert(introspection::key(token), outcome, NOW, 30);
+        };
+        let reason_of = |(v, _): &(Verdict, Option<bool>)| reason(v);
+        let (normal, labs) = ("/fhir/Patient/1", "/labs/1");
+
+        // A JWT: verified, then asked about.
+        let jwt = kit.rs256.sign(&kit.claims(), &[]);
+        assert_eq!(
+            reason_of(&ask(&mut state, &jwt, normal, true)),
+            Some(Reason::Ok)
+        );
+        let (v, hit) = ask(&mut state, &jwt, labs, true);
+        assert!(
+            matches!(v, Verdict::Wait(WaitFor::Introspection { provider: 0, key }) if key == introspection::key(&jwt)),
+            "{v:?}"
+        );
+        assert_eq!(hit, Some(false));
+        let (v, hit) = ask(&mut state, &jwt, labs, false);
+        assert_eq!(
+            (reason(&v), hit),
+            (Some(Reason::IntrospectionUnavailable), Some(false))
+        );
+        assert!(
+            matches!(v, Verdict::Deny { token: Some(_), .. }),
+            "the audit names the token"
+        );
+        answer(
+            &mut state,
+            &jwt,
+            json!({"active": true, "sub": "someone-else", "scope": "x"}),
+        );
+        let (v, hit) = ask(&mut state, &jwt, labs, true);
+        assert_eq!(hit, Some(true));
+        let Verdict::Allow { token: Some(t), .. } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(
+            t.sub.as_deref(),
+            Some("user-1"),
+            "a JWT keeps its own identity"
+        );
+        // Inactive, or refused on the answer's claims.
+        let mut c = kit.claims();
+        c["jti"] = "j-inactive".into();
+        let inactive = kit.es256.sign(&c, &[]);
+        answer(&mut state, &inactive, json!({"active": false}));
+        assert_eq!(
+            reason_of(&ask(&mut state, &inactive, labs, true)),
+            Some(Reason::Inactive)
+        );
+        assert_eq!(
+            reason_of(&ask(&mut state, &inactive, normal, true)),
+            Some(Reason::Ok)
+        );
+        c["jti"] = "j-aud".into();
+        let aud = kit.es256.sign(&c, &[]);
+        answer(
+            &mut state,
+            &aud,
+            json!({"active": true, "aud": "https://elsewhere"}),
+        );
+        assert_eq!(
+            reason_of(&ask(&mut state, &aud, labs, true)),
+            Some(Reason::WrongAudience)
+        );
+        // A JWT failing its own checks, or revoked, is never asked about.
+        let mut expired = kit.claims();
+        expired["exp"] = (NOW - 100).into();
+        expired["iat"] = (NOW - 200).into();
+        for (token, want) in [
+            (kit.rs256.sign(&expired, &[]), Reason::Expired),
+            (
+                flip_last_sig_char(&kit.rs256.sign(&kit.claims(), &[])),
+                Reason::InvalidSignature,
+            ),
+            ("a.b.c".to_string(), Reason::Malformed),
+        ] {
+            let (v, hit) = ask(&mut state, &token, labs, true);
+            assert_eq!((reason(&v), hit), (Some(want), None), "{token}");
+        }
+        let mut gone = kit.claims();
+        gone["sub"] = "user-gone".into();
+        let gone = kit.rs256.sign(&gone, &[]);
+        let (v, hit) = ask(&mut state, &gone, labs, true);
+        assert_eq!((reason(&v), hit), (Some(Reason::Revoked), None));
+
+        // An opaque token: malformed except on an introspect rule.
+        let opaque = "2YotnFZFEjr1zCsicMWpAA";
+        assert_eq!(
+            reason_of(&ask(&mut state, opaque, normal, true)),
+            Some(Reason::Malformed)
+        );
+        let (v, _) = ask(&mut state, opaque, labs, true);
+        assert!(
+            matches!(v, Verdict::Wait(WaitFor::Introspection { provider: 0, .. })),
+            "{v:?}"
+        );
+        assert_eq!(
+            reason_of(&ask(&mut state, opaque, labs, false)),
+            Some(Reason::IntrospectionUnavailable)
+        );
+        answer(
+            &mut state,
+            opaque,
+            json!({"active": true, "sub": "nurse-7", "client_id": "ward-app",
+            "scope": "read:patient-profile", "exp": NOW + 300, "iss": ISS, "aud": AUD}),
+        );
+        let (v, _) = ask(&mut state, opaque, labs, true);
+        let Verdict::Allow { token: Some(t), .. } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(
+            (t.sub.as_deref(), t.client_id.as_deref()),
+            (Some("nurse-7"), Some("ward-app"))
+        );
+        assert_eq!(t.fingerprint, token::fingerprint(opaque));
+        for (token, doc, want) in [
+            (
+                "opaque-narrow",
+                json!({"active": true, "scope": "read:other"}),
+                Reason::InsufficientScope,
+            ),
+            (
+                "opaque-inactive",
+                json!({"active": false}),
+                Reason::Inactive,
+            ),
+            (
+                "opaque-gone",
+                json!({"active": true, "sub": "user-gone", "scope": "read:patient-profile"}),
+                Reason::Revoked,
+            ),
+            (
+                "opaque-expired",
+                json!({"active": true, "exp": NOW - 61}),
+                Reason::Expired,
+            ),
+            (
+                "opaque-aud",
+                json!({"active": true, "aud": ["x"]}),
+                Reason::WrongAudience,
+            ),
+            (
+                "opaque.jwe.has.five-parts",
+                json!({"active": true, "scope": "read:patient-profile"}),
+                Reason::Ok,
+            ),
+        ] {
+            answer(&mut state, token, doc);
+            assert_eq!(
+                reason_of(&ask(&mut state, token, labs, true)),
+                Some(want),
+                "{token}"
+            );
+        }
+    }
+
+    /// With two introspecting providers an opaque token needs the rule to
+    /// name one; a rule naming one, or a provider that cannot be asked,
+    /// refuses other providers' JWTs.
+    #[test]
+    fn introspect_rules_and_providers() {
+        let kit = Kit::new();
+        let introspection = json!({"uri": "http://as/introspect", "cluster": "as",
+            "client_id": "phi-guard", "client_secret_env": "AS_SECRET"});
+        let provider = |name: &str, iss: &str, introspects: bool| {
+            let mut p = json!({"name": name, "issuer": iss, "audiences": [AUD],
+                "algorithms": ["RS256", "ES256"], "jwks": {"uri": "http://idp/jwks", "cluster": "idp"}});
+            if introspects {
+                p["introspection"] = introspection.clone();
+            }
+            p
+        };
+        let policy = kit.policy_with(|p| {
+            p["providers"] = json!([
+                provider("idp", ISS, true),
+                provider("other", "https://other.example", true),
+                provider("plain", "https://plain.example", false),
+            ]);
+            p["rules"] = json!([
+                {"id": "any", "path": "/any", "introspect": true},
+                {"id": "named", "path": "/named", "introspect": true, "provider": "other"},
+            ]);
+        });
+        let keys = |_: usize| Some(&kit.keys);
+        let mut state = State::new(&policy);
+        let mut ask = |token: &str, path: &str| {
+            let auth = format!("Bearer {token}");
+            let auth = [auth.as_str()];
+            let req = Request {
+                method: "GET",
+                path,
+                authorization: &auth,
+                source: None,
+            };
+            let facts = Facts {
+                keys: &keys,
+                revocations: Revocations::Off,
+            };
+            decide(
+                &policy,
+                &facts,
+                &mut state,
+                &req,
+                NOW,
+                true,
+                &mut Trace::default(),
+            )
+        };
+        let opaque = "opaque-token";
+        assert_eq!(reason(&ask(opaque, "/any")), Some(Reason::Malformed));
+        assert!(matches!(
+            ask(opaque, "/named"),
+            Verdict::Wait(WaitFor::Introspection { provider: 1, .. })
+        ));
+        let from = |iss: &str| {
+            let mut c = kit.claims();
+            c["iss"] = iss.into();
+            kit.rs256.sign(&c, &[])
+        };
+        assert!(matches!(
+            ask(&from(ISS), "/any"),
+            Verdict::Wait(WaitFor::Introspection { provider: 0, .. })
+        ));
+        assert!(matches!(
+            ask(&from("https://other.example"), "/any"),
+            Verdict::Wait(WaitFor::Introspection { provider: 1, .. })
+        ));
+        assert_eq!(
+            reason(&ask(&from(ISS), "/named")),
+            Some(Reason::UnknownIssuer)
+        );
+        assert_eq!(
+            reason(&ask(&from("https://plain.example"), "/any")),
+            Some(Reason::UnknownIssuer)
+        );
+    }
+
     #[test]
     fn waiting_and_cache() {
         let kit = Kit::new();
@@ -888,6 +1287,7 @@ mod tests {
         let mut state = State {
             cache: TokenCache::new(10),
             budget: VerificationBudget::new(0),
+            introspection: Vec::new(),
         };
         let mut trace = Trace::default();
         let no_keys = |_: usize| None;
@@ -1134,6 +1534,7 @@ mod hostile {
             &mut State {
                 cache: TokenCache::new(0),
                 budget: VerificationBudget::new(0),
+                introspection: Vec::new(),
             },
             &req,
             NOW,

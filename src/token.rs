@@ -55,6 +55,12 @@ pub fn extract_bearer<'a>(values: &[&'a str]) -> Result<Option<&'a str>, Reason>
     Ok(Some(token))
 }
 
+/// Whether `token` has the shape of a JWS in compact serialisation: three
+/// dot-separated parts. Anything else is opaque (a JWE has five).
+pub fn is_jws_compact(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
 /// SHA-256 of any bytes (tells whether a JWKS document changed).
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
@@ -104,13 +110,13 @@ struct HeaderExt {
 /// A string or an array of strings (`aud`, `scp`).
 #[derive(Deserialize, Debug)]
 #[serde(untagged)]
-enum OneOrMany {
+pub(crate) enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
 impl OneOrMany {
-    fn iter(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &str> {
         let (one, many): (Option<&str>, &[String]) = match self {
             OneOrMany::One(s) => (Some(s.as_str()), &[]),
             OneOrMany::Many(v) => (None, v.as_slice()),
@@ -303,7 +309,10 @@ pub fn check_times(
 }
 
 /// The scopes the configured roles add; a role not in `role_scopes` adds nothing.
-fn role_scopes(policy: &Policy, other: &BTreeMap<String, serde_json::Value>) -> Vec<String> {
+pub(crate) fn role_scopes(
+    policy: &Policy,
+    other: &BTreeMap<String, serde_json::Value>,
+) -> Vec<String> {
     let Some(claim) = policy.roles_claim.as_deref() else {
         return Vec::new();
     };

@@ -174,10 +174,16 @@ impl Fetcher {
         // Asked for from a request's context: the root dispatches it (see
         // `root_context_id`) on a tick brought forward to now.
         d.wanted = Some(d.wanted == Some(true) || on_demand);
+        self.kick();
+        true
+    }
+
+    /// Brings the root's next tick forward to now, where the callouts
+    /// requests asked for are dispatched (documents and introspection alike).
+    pub fn kick(&mut self) {
         if !self.kicked {
             self.kicked = abi::set_tick_period(KICK).is_ok();
         }
-        true
     }
 
     /// Starts a fetch if this VM wins the lease; `true` if a fetch is running
@@ -238,7 +244,7 @@ impl Fetcher {
         // Only root callbacks get here (see `root_context_id`); made sure of anyway.
         let _ = abi::set_effective_context(self.root_context_id);
         d.clock.started(now_ms, on_demand);
-        match abi::dispatch_http_call(&src.cluster, headers, timeout) {
+        match abi::dispatch_http_call(&src.cluster, headers, None, timeout) {
             Ok(token) => {
                 d.in_flight_until_ms = now_ms.saturating_add(lease_ms);
                 self.callouts.push((token, doc));
@@ -418,8 +424,9 @@ impl Fetcher {
 /// bytes; otherwise why not, for the log. Every read returns an error rather
 /// than panicking: a callout that failed (reset, body over Envoy's buffer
 /// limit, timeout) has no response headers, and the host says so with a
-/// status the SDK's readers abort the VM on.
-fn read_callout(body_size: usize, max: usize) -> Result<Vec<u8>, String> {
+/// status the SDK's readers abort the VM on. Introspection reads its
+/// answers with it too.
+pub(super) fn read_callout(body_size: usize, max: usize) -> Result<Vec<u8>, String> {
     let status = match abi::header(MapType::HttpCallResponseHeaders, ":status") {
         Ok(Some(status)) => status,
         Ok(None) | Err(_) => {
