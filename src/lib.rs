@@ -24,3 +24,6 @@ mod testkit;
 
 #[cfg(target_arch = "wasm32")]
 mod host;
+
+#[cfg(all(feature = "native", not(target_arch = "wasm32")))]
+mod native;

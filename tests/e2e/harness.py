@@ -37,10 +37,16 @@ ENVOY_YAML = REPO / "envoy" / "envoy.yaml"
 # PHI_GUARD_WASM lets a developer try another build (a debug one, say).
 WASM = Path(os.environ.get("PHI_GUARD_WASM", REPO / "target" / "wasm32-wasip1" / "release" / "phi_guard.wasm"))
 ENVOY_BIN = REPO / ".venv" / "bin" / "envoy"
+# The dynamic module (`make native`): Envoy loads lib<name>.so from this directory.
+NATIVE_DIR = Path(os.environ.get("PHI_GUARD_NATIVE_DIR", REPO / "target" / "native"))
+NATIVE = NATIVE_DIR / "libphi_guard.so"
+# The builds the e2e suite runs against (conftest parametrises on them).
+BUILDS = ("wasm", "native")
 
 ISSUER = "https://idp.example.org"
 AUDIENCE = "https://fhir.example.org"
 WASM_FILTER = "envoy.filters.http.wasm"
+NATIVE_FILTER = "envoy.filters.http.dynamic_modules"
 
 
 # --------------------------------------------------------------------------
@@ -814,6 +820,20 @@ def _wasm_filter(config: dict) -> dict | None:
     return None
 
 
+def _native_filter(policy: str) -> dict:
+    """The dynamic-module filter entry that replaces the wasm one in a native
+    build: the same policy JSON, as the filter's StringValue config."""
+    return {
+        "name": NATIVE_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"name": "phi_guard"},
+            "filter_name": "phi_guard",
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": policy},
+        },
+    }
+
+
 def shipped_policy() -> dict:
     """The policy JSON from envoy/envoy.yaml, as a dict to adapt per test."""
     return json.loads(_wasm_filter(shipped_config())["configuration"]["value"])
@@ -833,7 +853,10 @@ class Envoy:
     filter to check the harness itself. `clusters` adds loopback clusters by
     name and port; `host_env_keys` names environment variables of Envoy's
     own environment passed to the VM (`vm_config.environment_variables`),
-    such as a client secret.
+    such as a client secret. `build="native"` runs the dynamic module
+    (target/native/libphi_guard.so) in place of the wasm filter, on the same
+    policy; a module reads Envoy's own environment, so `host_env_keys` has
+    nothing to pass there.
     """
 
     def __init__(
@@ -848,7 +871,10 @@ class Envoy:
         clusters: dict[str, int] | None = None,
         concurrency: int = 1,
         host_env_keys: list[str] | None = None,
+        build: str = "wasm",
     ):
+        assert build in BUILDS, build
+        self.build = build
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "envoy.yaml"
@@ -861,7 +887,7 @@ class Envoy:
         self.port = 0
         self.admin_port = 0
         self.config = self._rewrite(upstream_port, jwks_port, policy, with_wasm, wasm)
-        if host_env_keys:
+        if host_env_keys and build == "wasm":
             _wasm_filter(self.config)["vm_config"]["environment_variables"] = {"host_env_keys": list(host_env_keys)}
         for name, port in (clusters or {}).items():
             self.add_cluster(name, port)
@@ -892,6 +918,10 @@ class Envoy:
         if isinstance(policy, dict):
             policy = json.dumps(policy, indent=2)
         plugin["configuration"]["value"] = policy
+        if self.build == "native":
+            filters = hcm["http_filters"]
+            at = next(i for i, f in enumerate(filters) if f["name"] == WASM_FILTER)
+            filters[at] = _native_filter(policy)
         return config
 
     def add_cluster(self, name: str, port: int) -> None:
@@ -929,8 +959,11 @@ class Envoy:
         # Envoy writes access-log files every 10 s by default; tests read them sooner.
         argv += ["--file-flush-interval-msec", "200"]
         argv += ["--admin-address-path", str(self.admin_address_path)]
+        env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(NATIVE_DIR.resolve()))
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
