@@ -14,6 +14,7 @@ pub mod decision;
 pub mod fetch;
 pub mod introspection;
 pub mod jwks;
+pub mod outcome;
 pub mod pairs;
 pub mod revocation;
 pub mod rules;

@@ -8,9 +8,10 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use crate::answer::{self, Reason};
-use crate::audit::{self, AuditRecord};
+use crate::audit::AuditRecord;
 use crate::config::Policy;
 use crate::decision::{self, Request, Trace, Verdict, WaitFor};
+use crate::outcome;
 use crate::pairs;
 use crate::token::{self, VerifiedToken};
 
@@ -94,7 +95,7 @@ impl HttpContext for Filter {
                 b":path" => *path = text(value),
                 b"authorization" => authorization.push(text(value)),
                 b"x-request-id" => *request_id = String::from_utf8(value.to_vec()).ok(),
-                other => *spoofed |= is_identity_header(&w.policy, other),
+                other => *spoofed |= outcome::is_identity_header(&w.policy, other),
             }
         }
         p.source = property_string(&["source", "address"]);
@@ -240,20 +241,7 @@ pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, waiter: &Waiter, now: u64) {
 /// Carries out a verdict on the current request and drafts its audit record.
 fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Action {
     let policy = Rc::clone(&w.policy);
-    let (reason, rule, token) = match &verdict {
-        Verdict::Allow { rule, token } => (Reason::Ok, Some(*rule), token.clone()),
-        Verdict::Deny {
-            reason,
-            rule,
-            token,
-        } => (*reason, *rule, token.clone()),
-        // Only reached if the core asked to wait when told it may not.
-        Verdict::Wait(WaitFor::Keys { .. }) => (Reason::KeysUnavailable, None, None),
-        Verdict::Wait(WaitFor::Revocations) => (Reason::RevocationUnavailable, None, None),
-        Verdict::Wait(WaitFor::Introspection { .. }) => {
-            (Reason::IntrospectionUnavailable, None, None)
-        }
-    };
+    let (reason, rule, token) = outcome::settle(&verdict);
     w.metrics.decision(reason);
     let rule_ref = rule.and_then(|i| policy.rules.get(i));
     p.record = Some(draft(
@@ -285,40 +273,21 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
     Action::Pause
 }
 
-/// A client must never be able to set the identity headers we forward.
-fn is_identity_header(policy: &Policy, name: &[u8]) -> bool {
-    policy
-        .claims_to_headers
-        .iter()
-        .any(|(_, h)| h.as_bytes() == name)
-}
-
-/// Sets the request headers the upstream sees on allow: identity headers the
-/// client sent are dropped, ours added, and the token removed unless it is
-/// forwarded (never on a public rule, which ignores any token). One host call
-/// per header: each costs a fraction of rewriting the whole map (measured).
+/// Sets the request headers the upstream sees on allow (see
+/// [`outcome::header_edits`]). One host call per header: each costs a
+/// fraction of rewriting the whole map (measured).
 fn forward(
     p: &Pending,
     policy: &Policy,
     rule: &crate::config::Rule,
     token: Option<&VerifiedToken>,
 ) {
-    let set = |name: &str, value: Option<&str>| {
+    let edits = outcome::header_edits(policy, rule, token, p.spoofed, !p.authorization.is_empty());
+    for (name, value) in edits {
         let _ = match value {
-            Some(v) => abi::set_header(MapType::HttpRequestHeaders, name, v),
+            Some(v) => abi::set_header(MapType::HttpRequestHeaders, name, &v),
             None => abi::remove_header(MapType::HttpRequestHeaders, name),
         };
-    };
-    if p.spoofed {
-        for (_, header) in &policy.claims_to_headers {
-            set(header, None);
-        }
-    }
-    for (header, value) in decision::forwarded_headers(policy, rule, token) {
-        set(header, Some(&value));
-    }
-    if (!policy.forward_token || rule.public) && !p.authorization.is_empty() {
-        set("authorization", None);
     }
 }
 
@@ -338,57 +307,17 @@ fn draft(
     policy: &Policy,
     now_ms: u64,
 ) -> AuditRecord {
-    let token_fp = match (token, rule) {
-        (Some(t), _) => Some(t.fingerprint.clone()),
-        // A public rule ignores any token, so the record does not name one.
-        (None, Some(r)) if r.public => None,
-        (None, _) => {
-            let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
-            token::extract_bearer(&auth)
-                .ok()
-                .flatten()
-                .map(token::fingerprint)
-        }
+    let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
+    let req = Request {
+        method: &p.method,
+        path: &p.path,
+        authorization: &auth,
+        source: p.source.as_deref(),
     };
-    let mut r = AuditRecord {
-        ts: audit::rfc3339_millis(now_ms.saturating_mul(1_000_000)),
-        request_id: p.request_id.clone(),
-        decision: if reason == Reason::Ok {
-            "allow"
-        } else {
-            "deny"
-        }
-        .to_string(),
-        reason: reason.code().to_string(),
-        step_up: match reason {
-            Reason::StepUpRequired(f) => Some(f.code().to_string()),
-            _ => None,
-        },
-        rule: rule.map(|r| r.id.clone()),
-        method: p.method.clone(),
-        path: String::new(),
-        status: 0,
-        iss: token
-            .and_then(|t| policy.providers.get(t.provider))
-            .map(|p| p.issuer.clone()),
-        sub: token.and_then(|t| t.sub.clone()),
-        client_id: token.and_then(|t| t.client_id.clone().or_else(|| t.azp.clone())),
-        jti: token.and_then(|t| t.jti.clone()),
-        token_fp,
-        scopes_granted: token
-            .map(|t| t.scopes.iter().map(str::to_owned).collect())
-            .unwrap_or_default(),
-        scopes_required: rule
-            .map(|r| r.scopes.iter().chain(&r.scopes_any).cloned().collect())
-            .unwrap_or_default(),
-        acr: token.and_then(|t| t.acr.clone()),
-        amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
-        source: p.source.clone(),
+    let seen = outcome::Seen {
+        req,
+        request_id: p.request_id.as_deref(),
         tls: property_string(&["connection", "tls_version"]),
-        vm: String::new(),
-        seq: 0,
-        chain: String::new(),
     };
-    r.set_path(&p.path);
-    r
+    outcome::draft(seen, reason, rule, token, policy, now_ms)
 }
