@@ -7,6 +7,7 @@ use std::rc::Rc;
 use crate::answer::{Challenge, Reason, StepUpFailure};
 use crate::budget::VerificationBudget;
 use crate::config::{ForwardedClaim, Policy, Rule, StepUp};
+use crate::fetch::Freshness;
 use crate::introspection::{self, IntrospectionCache, Outcome, TokenKey};
 use crate::jwks::KeySet;
 use crate::revocation::RevocationList;
@@ -68,6 +69,23 @@ pub enum Revocations<'a> {
     Pending,
     /// None, and fetching it failed.
     Unavailable,
+}
+
+impl<'a> Revocations<'a> {
+    /// The list a worker holds (if any) at the given freshness of its document.
+    pub fn held(freshness: Freshness, list: Option<&'a RevocationList>) -> Revocations<'a> {
+        match (freshness, list) {
+            (Freshness::Usable, Some(list)) => Revocations::Fresh(list),
+            (_, Some(list)) => Revocations::Stale(list),
+            (Freshness::Pending, None) => Revocations::Pending,
+            (_, None) => Revocations::Unavailable,
+        }
+    }
+
+    /// Whether a decision made with this is without a list in force.
+    pub fn stale(&self) -> bool {
+        !matches!(self, Revocations::Off | Revocations::Fresh(_))
+    }
 }
 
 /// What the worker knows when it decides: fetched documents.

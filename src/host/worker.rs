@@ -172,15 +172,10 @@ impl Worker {
                     .get(doc)
                     .zip(Self::source(&policy, doc))
                     .map_or(Freshness::Failed, |(d, s)| d.clock.freshness(s, now_ms));
-                match (freshness, list) {
-                    (Freshness::Usable, Some(list)) => Revocations::Fresh(list),
-                    (_, Some(list)) => Revocations::Stale(list),
-                    (Freshness::Pending, None) => Revocations::Pending,
-                    (_, None) => Revocations::Unavailable,
-                }
+                Revocations::held(freshness, list)
             }
         };
-        if !matches!(revocations, Revocations::Off | Revocations::Fresh(_)) {
+        if revocations.stale() {
             trace.revocation_stale = true;
         }
         let facts = Facts {
