@@ -25,32 +25,36 @@ use super::shared::Shared;
 /// `ENVOY_DYNAMIC_MODULES_ABI_VERSION`). Envoy only logs a mismatch.
 const ABI_VERSION: &[u8] = b"v0.2.0\0";
 
+/// A buffer Envoy owns (`envoy_dynamic_module_type_envoy_buffer`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct EnvoyBuffer {
+pub struct EnvoyBuffer {
     ptr: *const c_char,
     length: usize,
 }
 
+/// A buffer the module owns (`envoy_dynamic_module_type_module_buffer`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct ModuleBuffer {
+pub struct ModuleBuffer {
     ptr: *const c_char,
     length: usize,
 }
 
+/// A header the module owns (`envoy_dynamic_module_type_module_http_header`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct ModuleHttpHeader {
+pub struct ModuleHttpHeader {
     key_ptr: *const c_char,
     key_length: usize,
     value_ptr: *const c_char,
     value_length: usize,
 }
 
+/// A header Envoy owns (`envoy_dynamic_module_type_envoy_http_header`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct EnvoyHttpHeader {
+pub struct EnvoyHttpHeader {
     key_ptr: *const c_char,
     key_length: usize,
     value_ptr: *const c_char,
@@ -824,7 +828,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         None => {
             // Fail closed: a panic (or a filter that failed to be made)
             // never lets the request through.
-            let _ = guard((), || {
+            guard((), || {
                 stream.send_response(
                     503,
                     &[("content-type", "text/plain")],
@@ -851,7 +855,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
         true
     });
     if !ok {
-        let _ = guard((), || {
+        guard((), || {
             stream.send_response(
                 503,
                 &[("content-type", "text/plain")],
