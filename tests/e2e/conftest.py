@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import WASM, Envoy, JwksServer, KeyPair, Upstream, shipped_policy
+import os
+
+from harness import BUILDS, NATIVE, WASM, Envoy, JwksServer, KeyPair, Upstream, shipped_policy
 
 # One key per algorithm family the contract requires.
 FAMILIES = ["RS256", "PS256", "ES256", "ES384", "EdDSA"]
@@ -37,15 +39,37 @@ def policy(jwks_server) -> dict:
     return p
 
 
+# The builds every test on `envoy_factory` runs against: the wasm filter and
+# the dynamic module (PHI_GUARD_BUILDS=wasm picks one).
+E2E_BUILDS = [b for b in os.environ.get("PHI_GUARD_BUILDS", ",".join(BUILDS)).split(",") if b]
+
+
+@pytest.fixture(params=E2E_BUILDS)
+def build(request) -> str:
+    """The build under test; a test that only makes sense for one build
+    skips the other with `only(build, ...)`."""
+    return request.param
+
+
+def only(build: str, wanted: str, why: str) -> None:
+    """Skips the test unless it runs against `wanted`."""
+    if build != wanted:
+        pytest.skip(f"{wanted} build only: {why}")
+
+
 @pytest.fixture
-def envoy_factory(tmp_path, upstream, jwks_server):
+def envoy_factory(tmp_path, upstream, jwks_server, build):
     """make(policy=..., start=True, **Envoy kwargs) -> Envoy; every Envoy made
-    is stopped at teardown, pass or fail."""
+    is stopped at teardown, pass or fail. Made with the build under test
+    unless `build=` says otherwise."""
     made: list[Envoy] = []
 
     def make(policy=None, start: bool = True, **kwargs) -> Envoy:
+        kwargs.setdefault("build", build)
         wasm = kwargs.get("wasm", WASM)
-        if kwargs.get("with_wasm", True) and wasm == WASM and not WASM.exists():
+        if kwargs["build"] == "native" and kwargs.get("with_wasm", True) and not NATIVE.exists():
+            pytest.fail(f"{NATIVE} is missing: run `make native` (or `make e2e`)")
+        if kwargs["build"] == "wasm" and kwargs.get("with_wasm", True) and wasm == WASM and not WASM.exists():
             pytest.fail(f"{WASM} is missing: run `make wasm` (or `make e2e`)")
         envoy = Envoy(tmp_path / f"envoy{len(made)}", upstream.port, jwks_server.port, policy, **kwargs)
         made.append(envoy)

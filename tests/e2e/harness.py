@@ -47,6 +47,8 @@ ISSUER = "https://idp.example.org"
 AUDIENCE = "https://fhir.example.org"
 WASM_FILTER = "envoy.filters.http.wasm"
 NATIVE_FILTER = "envoy.filters.http.dynamic_modules"
+# Where Envoy puts a filter's own stats, by build.
+STATS_PREFIX = {"wasm": "wasmcustom.", "native": "dynamicmodulescustom."}
 
 
 # --------------------------------------------------------------------------
@@ -959,7 +961,7 @@ class Envoy:
         # Envoy writes access-log files every 10 s by default; tests read them sooner.
         argv += ["--file-flush-interval-msec", "200"]
         argv += ["--admin-address-path", str(self.admin_address_path)]
-        env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(NATIVE_DIR.resolve()))
+        env = self.env()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -973,6 +975,11 @@ class Envoy:
             time.sleep(0.05)
         self.stop()
         raise EnvoyFailedToStart(f"envoy not ready after {timeout}s:\n{self.log_tail()}")
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        """Envoy's environment: ours, plus where the dynamic module is."""
+        return dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(NATIVE_DIR.resolve()))
 
     def _ready(self) -> bool:
         if not self.admin_port:
@@ -1039,13 +1046,15 @@ class Envoy:
         return http_request(self.admin_port, "GET", path)
 
     def phi_stats(self) -> dict[str, int]:
-        """wasmcustom.phi_guard.* from /stats, as {"allowed": n, "jwks_fetch.failed": n, ...}."""
-        text = self.admin("/stats?filter=%5Ewasmcustom%5C.phi_guard%5C.").text
+        """<prefix>phi_guard.* from /stats (wasmcustom. or dynamicmodulescustom.,
+        by build), as {"allowed": n, "jwks_fetch.failed": n, ...}."""
+        prefix = STATS_PREFIX[self.build] + "phi_guard."
+        text = self.admin("/stats?filter=" + urllib.parse.quote("^" + re.escape(prefix))).text
         out = {}
         for line in text.splitlines():
             name, _, value = line.partition(": ")
             if value.strip().isdigit():
-                out[name.removeprefix("wasmcustom.phi_guard.")] = int(value)
+                out[name.removeprefix(prefix)] = int(value)
         return out
 
     def log_text(self) -> str:
@@ -1143,13 +1152,15 @@ def audits(envoy, count: int) -> list[dict | None]:
 
 def phi_guard_stats(envoy) -> dict[str, int]:
     """The filter's metrics from admin /stats without the `wasmcustom.phi_guard.`
-    prefix: {"allowed": n, "denied.expired": n, "jwks_key_age_seconds": n, ...}."""
-    text = envoy.admin("/stats?filter=%5Ewasmcustom%5C.phi_guard%5C.").text
+    (or, native, `dynamicmodulescustom.phi_guard.`) prefix:
+    {"allowed": n, "denied.expired": n, "jwks_key_age_seconds": n, ...}."""
+    prefix = STATS_PREFIX[envoy.build] + "phi_guard."
+    text = envoy.admin("/stats?filter=" + urllib.parse.quote("^" + re.escape(prefix))).text
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(": ")
-        if name.startswith("wasmcustom.phi_guard.") and value.strip().lstrip("-").isdigit():
-            out[name[len("wasmcustom.phi_guard.") :]] = int(value)
+        if name.startswith(prefix) and value.strip().lstrip("-").isdigit():
+            out[name[len(prefix) :]] = int(value)
     return out
 
 

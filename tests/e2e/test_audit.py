@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import E2E_BUILDS
 from harness import (
     REPO,
     Envoy,
@@ -37,6 +38,7 @@ from harness import (
     eventually,
     http_request,
     mint,
+    phi_guard_stats,
     readme_reason_codes,
     shipped_policy,
     tamper,
@@ -123,14 +125,8 @@ def record_of(line: str) -> dict | None:
 
 
 def phi_stats(envoy: Envoy) -> dict[str, int]:
-    """wasmcustom.phi_guard.* from /stats, as {"allowed": n, "denied.expired": n, ...}."""
-    text = envoy.admin("/stats?filter=%5Ewasmcustom%5C.phi_guard%5C.").text
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if name.startswith("wasmcustom.phi_guard.") and value.strip().lstrip("-").isdigit():
-            out[name[len("wasmcustom.phi_guard."):]] = int(value)
-    return out
+    """<prefix>phi_guard.* from /stats, as {"allowed": n, "denied.expired": n, ...}."""
+    return phi_guard_stats(envoy)
 
 
 def prometheus_stats(envoy: Envoy) -> dict[str, int]:
@@ -140,7 +136,7 @@ def prometheus_stats(envoy: Envoy) -> dict[str, int]:
     `envoy_` and no `wasmcustom_` prefix); both spellings are accepted."""
     out = {}
     for line in envoy.admin("/stats/prometheus").text.splitlines():
-        m = re.match(r"^(?:envoy_)?(?:wasmcustom_)?phi_guard_([a-z0-9_]+)(?:\{[^}]*\})? (\d+)$", line)
+        m = re.match(r"^(?:envoy_)?(?:wasmcustom_|dynamicmodulescustom_)?phi_guard_([a-z0-9_]+)(?:\{[^}]*\})? (\d+)$", line)
         if m:
             out[m.group(1)] = int(m.group(2))
     return out
@@ -342,15 +338,17 @@ MIX_NAMES = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def mix(tmp_path_factory, keys) -> Mix:
+@pytest.fixture(scope="module", params=E2E_BUILDS)
+def mix(request, tmp_path_factory, keys) -> Mix:
     key = keys["ES256"]
     jwks = JwksServer(*keys.values())
     upstream = Upstream()
     policy = Envoy.point_jwks(shipped_policy(), jwks.port)
     policy["providers"][0]["algorithms"] = ["RS256", "PS256", "ES256", "ES384", "EdDSA"]
     # info, not the harness's warn: the filter's own log lines are checked for secrets too.
-    envoy = Envoy(tmp_path_factory.mktemp("audit-mix"), upstream.port, jwks.port, policy, log_level="info")
+    envoy = Envoy(
+        tmp_path_factory.mktemp("audit-mix"), upstream.port, jwks.port, policy, log_level="info", build=request.param
+    )
     try:
         envoy.start()
         sent = build_mix(key)

@@ -22,6 +22,7 @@ import uuid
 
 import pytest
 
+from conftest import only
 from harness import Envoy, MisbehavingJwks, eventually, mint, shipped_policy
 
 PROTECTED = "/fhir/Patient/7"
@@ -34,11 +35,11 @@ def idp(keys):
         yield server
 
 
-def make_envoy(tmp_path, upstream, idp, keys, **jwks) -> Envoy:
+def make_envoy(tmp_path, upstream, idp, keys, build="wasm", **jwks) -> Envoy:
     policy = Envoy.point_jwks(shipped_policy(), idp.port)
     policy["providers"][0]["algorithms"] = list(keys)
     policy["providers"][0]["jwks"].update({"timeout_ms": 1000, "retry_seconds": 1, **jwks})
-    envoy = Envoy(tmp_path / "envoy", upstream.port, idp.port, policy)
+    envoy = Envoy(tmp_path / "envoy", upstream.port, idp.port, policy, build=build)
     return envoy.start()
 
 
@@ -65,9 +66,9 @@ def stopped(request):
 
 
 @pytest.mark.parametrize("mode", MisbehavingJwks.MODES)
-def test_bad_answer_at_start_is_503_and_the_vm_lives(tmp_path, upstream, idp, keys, stopped, mode):
+def test_bad_answer_at_start_is_503_and_the_vm_lives(tmp_path, upstream, idp, keys, stopped, build, mode):
     idp.mode = mode
-    envoy = make_envoy(tmp_path, upstream, idp, keys)
+    envoy = make_envoy(tmp_path, upstream, idp, keys, build=build)
     stopped.append(envoy)
     token = mint(keys["RS256"])
     resp = envoy.get(PROTECTED, token=token)
@@ -84,8 +85,8 @@ def test_bad_answer_at_start_is_503_and_the_vm_lives(tmp_path, upstream, idp, ke
 
 
 @pytest.mark.parametrize("mode", MisbehavingJwks.MODES)
-def test_bad_answer_on_refresh_keeps_the_last_good_keys(tmp_path, upstream, idp, keys, stopped, mode):
-    envoy = make_envoy(tmp_path, upstream, idp, keys, cache_seconds=1)
+def test_bad_answer_on_refresh_keeps_the_last_good_keys(tmp_path, upstream, idp, keys, stopped, build, mode):
+    envoy = make_envoy(tmp_path, upstream, idp, keys, build=build, cache_seconds=1)
     stopped.append(envoy)
     token = mint(keys["ES256"])
     assert eventually(lambda: envoy.get(PROTECTED, token=token).status == 200, timeout=10), envoy.log_tail()
@@ -100,9 +101,9 @@ def test_bad_answer_on_refresh_keeps_the_last_good_keys(tmp_path, upstream, idp,
     assert_vm_alive(envoy)
 
 
-def test_flapping_endpoint_never_takes_the_filter_down(tmp_path, upstream, idp, keys, stopped):
+def test_flapping_endpoint_never_takes_the_filter_down(tmp_path, upstream, idp, keys, stopped, build):
     idp.down()
-    envoy = make_envoy(tmp_path, upstream, idp, keys, cache_seconds=1)
+    envoy = make_envoy(tmp_path, upstream, idp, keys, build=build, cache_seconds=1)
     stopped.append(envoy)
     stop = threading.Event()
 
@@ -149,7 +150,7 @@ def list_server(keys):
 
 
 @pytest.mark.parametrize("mode", MisbehavingJwks.MODES)
-def test_bad_revocation_answer_keeps_the_vm_and_the_last_list(tmp_path, upstream, idp, list_server, keys, stopped, mode):
+def test_bad_revocation_answer_keeps_the_vm_and_the_last_list(tmp_path, upstream, idp, list_server, keys, stopped, build, mode):
     policy = Envoy.point_jwks(shipped_policy(), idp.port)
     policy["providers"][0]["algorithms"] = list(keys)
     policy["revocation"] = {
@@ -163,7 +164,9 @@ def test_bad_revocation_answer_keeps_the_vm_and_the_last_list(tmp_path, upstream
                             "scopes": ["read:patient-profile"], "sensitive": True})
     # At start: no list ever, so sensitive rules are closed and others serve.
     list_server.mode = mode
-    envoy = Envoy(tmp_path / "envoy", upstream.port, idp.port, policy, clusters={"revocation": list_server.port})
+    envoy = Envoy(
+        tmp_path / "envoy", upstream.port, idp.port, policy, clusters={"revocation": list_server.port}, build=build
+    )
     stopped.append(envoy.start())
     revoked, fine = mint(keys["RS256"], jti="jti-revoked"), mint(keys["RS256"])
     assert envoy.get(SENSITIVE, token=fine).status == 503
@@ -198,8 +201,9 @@ def authz():
 
 
 @pytest.fixture
-def introspecting(envoy_factory, policy, authz, monkeypatch):
+def introspecting(envoy_factory, policy, authz, monkeypatch, build):
     """Envoy whose /labs/{id} rule introspects at `authz` (JWKS served well)."""
+    only(build, "wasm", "the native module refuses introspection at load (test_native.py)")
     monkeypatch.setenv(SECRET_ENV, "callout-test-secret")
     policy["providers"][0]["introspection"] = {
         "uri": f"http://127.0.0.1:{authz.port}/introspect",

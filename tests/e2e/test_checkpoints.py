@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import E2E_BUILDS
 from harness import REPO, WASM, Envoy, JwksServer, Upstream, eventually, http_request, mint, shipped_policy
 
 # README "Audit checkpoints": the line each VM writes to Envoy's log.
@@ -104,7 +105,7 @@ def start(envoy: Envoy, workers: int) -> None:
     def popen(argv, *args, **kwargs):
         argv = list(argv)
         argv[argv.index("--concurrency") + 1] = str(workers)
-        argv += ["--component-log-level", "wasm:info"]
+        argv += ["--component-log-level", "wasm:info,dynamic_modules:info"]
         return real_popen(argv, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as m:
@@ -154,9 +155,9 @@ class Run:
         return self.before + self.after
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, keys) -> Run:
-    if not WASM.exists():
+@pytest.fixture(scope="module", params=E2E_BUILDS)
+def run(request, tmp_path_factory, keys) -> Run:
+    if request.param == "wasm" and not WASM.exists():
         pytest.fail(f"{WASM} is missing: run `make wasm` (or `make e2e`)")
     key = keys["ES256"]
     jwks = JwksServer(key)
@@ -164,7 +165,7 @@ def run(tmp_path_factory, keys) -> Run:
     policy = Envoy.point_jwks(shipped_policy(), jwks.port)
     policy["audit"] = {"checkpoint_seconds": 1}
     workdir = tmp_path_factory.mktemp("checkpoints")
-    envoy = Envoy(workdir / "envoy", upstream.port, jwks.port, policy)
+    envoy = Envoy(workdir / "envoy", upstream.port, jwks.port, policy, build=request.param)
     try:
         start(envoy, workers=2)
         token = mint(key)

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from conftest import only
 from harness import JwksServer, b64url_decode, http_request, mint, tamper
 
 
@@ -111,7 +112,8 @@ def test_envoy_without_filter_proxies_and_stops(envoy_factory, upstream):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def test_start_failure_is_detected(envoy_factory, tmp_path):
+def test_start_failure_is_detected(envoy_factory, tmp_path, build):
+    only(build, "wasm", "a missing module is test_native.py's")
     envoy = envoy_factory(wasm=tmp_path / "missing.wasm", start=False)
     log = envoy.expect_start_failure()
     assert "missing.wasm" in log and not envoy.alive

@@ -23,3 +23,25 @@ def test_native_module_loads_and_answers(native_envoy, upstream):
     resp = native_envoy.get("/healthz")
     assert resp.status == 200, resp.text
     assert upstream.last is not None and upstream.last.path == "/healthz"
+
+
+def test_a_missing_module_stops_envoy(tmp_path, upstream, jwks_server, policy, monkeypatch):
+    import harness
+
+    monkeypatch.setattr(harness, "NATIVE_DIR", tmp_path / "nowhere")
+    envoy = Envoy(tmp_path / "missing", upstream.port, jwks_server.port, policy, build="native")
+    log = envoy.expect_start_failure()
+    assert "Unable to load dynamic module libphi_guard.so" in log and not envoy.alive
+
+
+def test_introspection_is_refused_at_load(tmp_path, upstream, jwks_server, policy):
+    """Not supported natively yet: refused, so nothing gets through unasked."""
+    policy["providers"][0]["introspection"] = {
+        "uri": "http://127.0.0.1:1/introspect",
+        "cluster": "idp_jwks",
+        "client_id": "phi-guard",
+        "client_secret_env": "PATH",
+    }
+    envoy = Envoy(tmp_path / "introspect", upstream.port, jwks_server.port, policy, build="native")
+    log = envoy.expect_start_failure()
+    assert "invalid configuration at `providers[0].introspection`" in log, log[-2000:]

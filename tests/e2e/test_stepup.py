@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from harness import Response, assert_insufficient_scope, audits, challenge_of, mint
+from harness import Response, assert_insufficient_scope, audits, challenge_of, mint, phi_guard_stats
 
 MFA = "urn:example:loa:mfa"
 EXPORT = "/fhir/$export"
@@ -152,10 +152,9 @@ def test_step_up_does_not_apply_to_other_rules(envoy, upstream, keys):
 def test_step_up_challenges_are_counted(envoy, keys):
     envoy.get(EXPORT, token=export_token(keys, acr=None))
     envoy.get(EXPORT, token=export_token(keys, auth_age=None))
-    stats = envoy.admin("/stats?filter=phi_guard").text
-    counters = dict(line.split(": ", 1) for line in stats.splitlines() if ": " in line)
-    assert counters.get("wasmcustom.phi_guard.step_up_challenges") == "2", stats
-    assert counters.get("wasmcustom.phi_guard.denied.step_up_required") == "2", stats
+    stats = phi_guard_stats(envoy)
+    assert stats.get("step_up_challenges") == 2, stats
+    assert stats.get("denied.step_up_required") == 2, stats
 
 
 # --------------------------------------------------------------------------

@@ -426,7 +426,7 @@ def test_envoy_validate_mode_checks_the_policy(envoy_factory, policy):
 
     def validate(envoy):
         argv = [str(ENVOY_BIN), "--mode", "validate", "-c", str(envoy.config_path), "--use-dynamic-base-id"]
-        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+        return subprocess.run(argv, cwd=REPO, env=Envoy.env(), capture_output=True, text=True, timeout=120)
 
     good = validate(envoy_factory(policy, start=False))
     assert good.returncode == 0, good.stdout[-2000:] + good.stderr[-2000:]
