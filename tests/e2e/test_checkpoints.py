@@ -28,8 +28,12 @@ from harness import REPO, WASM, Envoy, JwksServer, Upstream, eventually, http_re
 
 # README "Audit checkpoints": the line each VM writes to Envoy's log.
 CHECKPOINT = re.compile(r"phi-guard audit checkpoint (\{.*\})\s*$")
-# Envoy's prefix for a wasm log line at info, before the plugin's message.
-WASM_INFO = re.compile(r"^\[[^\]]+\]\[\d+\]\[info\]\[wasm\] .*wasm log phi_guard phi_guard: phi-guard audit checkpoint ")
+# Envoy's prefix for the filter's log line at info, before its message (the
+# wasm VM's, or the dynamic module's).
+WASM_INFO = re.compile(
+    r"^\[[^\]]+\]\[\d+\]\[info\]\[(?:wasm|dynamic_modules)\] .*"
+    r"(?:wasm log phi_guard )?phi_guard: phi-guard audit checkpoint "
+)
 
 
 # --------------------------------------------------------------------------

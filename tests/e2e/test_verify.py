@@ -18,6 +18,7 @@ from conftest import FAMILIES
 from harness import (
     ENVOY_BIN,
     REPO,
+    Envoy,
     KeyPair,
     Response,
     audits,
