@@ -48,6 +48,7 @@ lint:
 	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip1 --lib -- -D warnings
+	$(CARGO) clippy --features native --all-targets -- -D warnings
 
 # The demo: local IdP (JWKS) + upstream + Envoy with the shipped config.
 run: wasm venv
@@ -55,7 +56,7 @@ run: wasm venv
 
 # Side-by-side benchmark against Envoy's native jwt_authn + rbac (needs wrk);
 # BENCH_QUICK=1 for short rounds. Not part of `make test`.
-bench: wasm venv
+bench: wasm native venv
 	$(VPY) bench/bench.py
 
 # Verification floods (issue #12): forged signatures against one worker, per
