@@ -1,10 +1,13 @@
 """phi-guard against Envoy's native jwt_authn + rbac, side by side (`make bench`).
 
-One run starts seven Envoys, each with one worker (`--concurrency 1`), all
+One run starts ten Envoys, each with one worker (`--concurrency 1`), all
 pinned to CPU 0: no auth; the native reference config
 (../shared/reference/native-jwt-authn.yaml) with its JWT cache at 10,000
 (one Envoy per algorithm) and without it; phi-guard on the shipped envoy.yaml
-and policy with `verified_token_cache_size` 10,000 (one per algorithm) and 0.
+and policy with `verified_token_cache_size` 10,000 (one per algorithm) and 0;
+and the same three phi-guard sides as the dynamic module (`module`: the same
+core, policy and envoy.yaml, `make native`), target >= 1.3x native on
+repeated and 10k.
 Every side answers GET /fhir/Patient/{id} with a direct 200 (no upstream
 hop), so the filters are what is measured; both auth sides check the same
 rule (GET, scope read:patient-profile). No side has an access log; phi-guard
@@ -54,6 +57,8 @@ sys.path.insert(0, str(REPO / "tests" / "e2e"))
 import yaml  # noqa: E402
 from harness import (  # noqa: E402
     ENVOY_BIN,
+    NATIVE,
+    STATS_PREFIX,
     WASM,
     Envoy,
     EnvoyFailedToStart,
@@ -71,6 +76,10 @@ PATH = "/fhir/Patient/1"
 TOKENS = 10_000
 ALGS = ("RS256", "ES256")
 WORKLOADS = ("repeated", "10k", "cold")
+# The phi-guard builds measured: the wasm filter and the dynamic module.
+WHO = ("native", "phi-guard", "module")
+# The dynamic module / native req/s (issue #19), repeated and 10k.
+MODULE_TARGET = 1.3
 # phi-guard / native req/s; the cold target is for RS256 only.
 TARGETS = {
     ("repeated", "RS256"): 1.0,
@@ -185,7 +194,9 @@ def native_side(name: str, workdir: Path, jwks_file: Path, auth: bool = True, ca
     return Side(name, envoy, config, stats if auth and cache else None)
 
 
-def phi_guard_side(name: str, workdir: Path, jwks_port: int, cache: bool, policy_overrides: dict | None = None) -> Side:
+def phi_guard_side(
+    name: str, workdir: Path, jwks_port: int, cache: bool, policy_overrides: dict | None = None, build: str = "wasm"
+) -> Side:
     """The shipped envoy.yaml and policy as the e2e tests run them, keys from
     our JWKS server, the route turned into the same direct answer as the
     native side's, no access log; the verified-token cache TOKENS or off;
@@ -194,14 +205,15 @@ def phi_guard_side(name: str, workdir: Path, jwks_port: int, cache: bool, policy
     policy["verified_token_cache_size"] = TOKENS if cache else 0
     policy.update(policy_overrides or {})
     # Upstream port 0: nothing may go there (the route answers directly).
-    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=jwks_port, policy=policy)
+    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=jwks_port, policy=policy, build=build)
     config = envoy.config
     hcm = _hcm(config)
     hcm.pop("access_log", None)
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [
         {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
     ]
-    stats = {"hit": "wasmcustom.phi_guard.token_cache.hit", "miss": "wasmcustom.phi_guard.token_cache.miss"}
+    prefix = STATS_PREFIX[build]
+    stats = {"hit": f"{prefix}phi_guard.token_cache.hit", "miss": f"{prefix}phi_guard.token_cache.miss"}
     return Side(name, envoy, config, stats if cache else None)
 
 
@@ -331,6 +343,8 @@ def main() -> int:
         raise SystemExit("wrk is missing: apt-get install wrk")
     if not WASM.exists():
         raise SystemExit(f"{WASM} is missing: make wasm")
+    if not NATIVE.exists():
+        raise SystemExit(f"{NATIVE} is missing: make native")
     if not ENVOY_BIN.exists():
         raise SystemExit(f"{ENVOY_BIN} is missing: make venv")
 
@@ -369,6 +383,11 @@ def main() -> int:
             for alg in ALGS:
                 sides[f"phi-guard-{alg}"] = phi_guard_side(f"phi-guard-{alg}", work, jwks_server.port, cache=True)
             sides["phi-guard-cold"] = phi_guard_side("phi-guard-cold", work, jwks_server.port, cache=False)
+            for alg in ALGS:
+                sides[f"module-{alg}"] = phi_guard_side(
+                    f"module-{alg}", work, jwks_server.port, cache=True, build="native"
+                )
+            sides["module-cold"] = phi_guard_side("module-cold", work, jwks_server.port, cache=False, build="native")
 
             def side_for(workload: str, alg: str, who: str):
                 if who == "noauth":
@@ -385,23 +404,23 @@ def main() -> int:
 
                 # Fill each cache with its algorithm's 10,000 tokens; the
                 # RS256 ones, fresh and then full, give the memory figures.
-                memory = ("native-RS256", "phi-guard-RS256")
+                memory = ("native-RS256", "phi-guard-RS256", "module-RS256")
                 rss_fresh = {n: rss_kib(sides[n].proc.pid) for n in memory}
                 for alg in ALGS:
-                    for who in ("native", "phi-guard"):
+                    for who in WHO:
                         log(f"sending {TOKENS:,} {alg} tokens to {who}-{alg} ...")
                         warm(sides[f"{who}-{alg}"], files[("10k", alg)], lua, f"{who}-{alg}")
                 time.sleep(0.5)
                 rss_cached = {n: rss_kib(sides[n].proc.pid) for n in memory}
                 # Every other side serves for a moment first (first-use costs, buffers).
-                for name in ("noauth", "native-cold", "phi-guard-cold"):
+                for name in ("noauth", "native-cold", "phi-guard-cold", "module-cold"):
                     for alg in ALGS:
                         load(sides[name], 1, files[("cold", alg)], lua, f"warm-up {name}")
 
                 plan: list[tuple[str, str, str]] = [("noauth", "-", "noauth")]
                 for workload in WORKLOADS:
                     for alg in ALGS:
-                        plan += [(workload, alg, "native"), (workload, alg, "phi-guard")]
+                        plan += [(workload, alg, who) for who in WHO]
                 for r in range(rounds):
                     log(f"round {r + 1}/{rounds}: {len(plan)} runs of {seconds:g}s ...")
                     for workload, alg, who in plan if r % 2 == 0 else _swap_pairs(plan):
@@ -436,10 +455,11 @@ def main() -> int:
 
 
 def _swap_pairs(plan):
-    """The same plan with phi-guard before native in every pair."""
-    out = list(plan)
-    for i in range(1, len(out) - 1, 2):
-        out[i], out[i + 1] = out[i + 1], out[i]
+    """The same plan with every group of sides (after no-auth) in reverse order."""
+    head, rest = plan[:1], plan[1:]
+    out = list(head)
+    for i in range(0, len(rest), len(WHO)):
+        out += list(reversed(rest[i : i + len(WHO)]))
     return out
 
 
@@ -461,7 +481,7 @@ def report(results, hits, rounds, seconds, rss_fresh, rss_cached, token_cache_by
         f"Envoy --concurrency 1 on CPU {ENVOY_CPU}, wrk -t1 -c{CONNECTIONS} on CPU {LOAD_CPU}; {rounds} alternating"
         f" round(s) of {seconds:g}s, the median-req/s round shown; direct 200 answers; no access log on any side"
     )
-    log(f"wasm: {WASM} ({WASM.stat().st_size:,} bytes)")
+    log(f"wasm: {WASM} ({WASM.stat().st_size:,} bytes); module: {NATIVE} ({NATIVE.stat().st_size:,} bytes)")
     log("")
     cols = f"{'req/s':>8} {'p50':>6} {'p99':>6}"
     head = f"{'workload':9} {'alg':5} | {'no auth':^22} | {'native':^22} {'hit':>4} | {'phi-guard':^22} {'hit':>4} |"
@@ -490,6 +510,25 @@ def report(results, hits, rounds, seconds, rss_fresh, rss_cached, token_cache_by
                 f"{workload:9} {alg:5} | {fmt(noauth)} | {fmt(n)} {nh:>4} | {fmt(p)} {ph:>4} |"
                 f" {ratio:5.2f}x {spread:<15} | {mark}"
             )
+    log("")
+    log(f"the dynamic module (`module`, same policy and core, no VM) against native jwt_authn+rbac:")
+    mhead = f"{'workload':9} {'alg':5} | {'module':^22} {'hit':>4} | {'module/native':^22} | {'module/wasm':>11} | target"
+    log(mhead)
+    log("-" * len(mhead))
+    for workload in WORKLOADS:
+        for alg in ALGS:
+            n, p = _median(results[(workload, alg, "native")]), _median(results[(workload, alg, "phi-guard")])
+            m = _median(results[(workload, alg, "module")])
+            mh = "off" if workload == "cold" else _rate(hits.get((workload, alg, "module")))
+            ratio = m.rps / n.rps
+            pairs = zip(results[(workload, alg, "native")], results[(workload, alg, "module")])
+            per_round = [b.rps / a.rps for a, b in pairs]
+            spread = f"({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
+            mark = ""
+            if workload in ("repeated", "10k"):
+                mark = f">= {MODULE_TARGET:.1f}x {'PASS' if ratio >= MODULE_TARGET else 'BELOW'}"
+            log(f"{workload:9} {alg:5} | {fmt(m)} {mh:>4} | {ratio:5.2f}x {spread:<15} | {m.rps / p.rps:10.2f}x | {mark}")
+    log("")
     log("(latencies in ms; 'no auth' is one measurement per round, shown on every row; 'hit' = the side's")
     log(" verified-token cache hit rate during the measured runs, from its own stats; 'off' = no cache)")
     log("")
@@ -499,7 +538,7 @@ def report(results, hits, rounds, seconds, rss_fresh, rss_cached, token_cache_by
     if token_cache_bytes:
         estimate = int(token_cache_bytes.group(1)) / 1024 / 1024
         log(f"phi-guard-RS256's own estimate (phi_guard.token_cache.bytes) at the end: {estimate:.1f} MiB")
-    log(f".wasm size: {WASM.stat().st_size / 1024:.0f} KiB")
+    log(f".wasm size: {WASM.stat().st_size / 1024:.0f} KiB; module .so size: {NATIVE.stat().st_size / 1024:.0f} KiB")
 
 
 if __name__ == "__main__":
