@@ -47,6 +47,19 @@ pub enum Reason {
     InsufficientScope,
     StepUpRequired(StepUpFailure),
     Revoked,
+    /// A protected rule over plaintext or a TLS older than required.
+    InsecureTransport,
+    /// The token is bound (`cnf`) to a certificate or key the request does
+    /// not prove it holds, or is sent with the wrong scheme for its binding.
+    CnfMismatch,
+    /// The rule wants a sender-constrained token; this one is bearer-only.
+    SenderConstraintRequired,
+    /// A DPoP proof missing, malformed, mis-signed, stale, or for another request.
+    InvalidDpopProof,
+    /// A DPoP proof already used.
+    DpopReplay,
+    /// The token carries a forbidden (PHI) claim and the policy rejects such tokens.
+    PhiInToken,
     /// The source used up its budget of failed signature checks this second;
     /// the token was refused without one.
     VerificationRateLimited,
@@ -84,6 +97,12 @@ impl Reason {
             Reason::InsufficientScope => "insufficient_scope",
             Reason::StepUpRequired(_) => "step_up_required",
             Reason::Revoked => "revoked",
+            Reason::InsecureTransport => "insecure_transport",
+            Reason::CnfMismatch => "cnf_mismatch",
+            Reason::SenderConstraintRequired => "sender_constraint_required",
+            Reason::InvalidDpopProof => "invalid_dpop_proof",
+            Reason::DpopReplay => "dpop_replay",
+            Reason::PhiInToken => "phi_in_token",
             Reason::VerificationRateLimited => "verification_rate_limited",
             Reason::KeysUnavailable => "keys_unavailable",
             Reason::RevocationUnavailable => "revocation_unavailable",
@@ -92,7 +111,7 @@ impl Reason {
     }
 
     /// Every reason, for stats registration and tests.
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 33] = [
         Reason::Ok,
         Reason::BadPath,
         Reason::NoRule,
@@ -116,6 +135,12 @@ impl Reason {
         Reason::StepUpRequired(StepUpFailure::Amr),
         Reason::StepUpRequired(StepUpFailure::Age),
         Reason::Revoked,
+        Reason::InsecureTransport,
+        Reason::CnfMismatch,
+        Reason::SenderConstraintRequired,
+        Reason::InvalidDpopProof,
+        Reason::DpopReplay,
+        Reason::PhiInToken,
         Reason::VerificationRateLimited,
         Reason::KeysUnavailable,
         Reason::RevocationUnavailable,
@@ -130,6 +155,9 @@ pub struct Challenge<'a> {
     pub scopes: &'a [String],
     pub acr_values: &'a [String],
     pub max_age: Option<u64>,
+    /// The request used the DPoP scheme or its token is DPoP-bound: token
+    /// errors are DPoP challenges naming these algorithms (RFC 9449 §7.1).
+    pub dpop_algs: Option<&'a str>,
 }
 
 /// A refusal as sent: status, optional `WWW-Authenticate`, short generic body.
@@ -145,6 +173,15 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
     let (status, www, body) = match reason {
         Reason::BadPath => (400, None, "bad request\n"),
         Reason::NoRule => (403, None, "forbidden\n"),
+        Reason::InsecureTransport => (403, None, "forbidden\n"),
+        Reason::InvalidDpopProof | Reason::DpopReplay => (
+            401,
+            Some(dpop_challenge(
+                "invalid_dpop_proof",
+                challenge.dpop_algs.unwrap_or(""),
+            )),
+            "invalid proof\n",
+        ),
         Reason::MissingToken => (
             401,
             Some(format!("Bearer realm=\"{realm}\"")),
@@ -195,9 +232,15 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
         | Reason::InvalidSignature
         | Reason::TokenTooOld
         | Reason::Revoked
+        | Reason::CnfMismatch
+        | Reason::SenderConstraintRequired
+        | Reason::PhiInToken
         | Reason::VerificationRateLimited => (
             401,
-            Some("Bearer error=\"invalid_token\"".to_string()),
+            Some(match challenge.dpop_algs {
+                Some(algs) => dpop_challenge("invalid_token", algs),
+                None => "Bearer error=\"invalid_token\"".to_string(),
+            }),
             "invalid token\n",
         ),
     };
@@ -205,6 +248,15 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
         status,
         www_authenticate: www,
         body,
+    }
+}
+
+/// `DPoP error="…", algs="…"` (RFC 9449 §7.1); no `algs` when none is known.
+fn dpop_challenge(error: &str, algs: &str) -> String {
+    if algs.is_empty() {
+        format!("DPoP error=\"{error}\"")
+    } else {
+        format!("DPoP error=\"{error}\", algs=\"{algs}\"")
     }
 }
 
