@@ -60,6 +60,8 @@ pub enum Reason {
     DpopReplay,
     /// The token carries a forbidden (PHI) claim and the policy rejects such tokens.
     PhiInToken,
+    /// The authorization server says the token is not active (RFC 7662).
+    Inactive,
     /// The source used up its budget of failed signature checks this second;
     /// the token was refused without one.
     VerificationRateLimited,
@@ -67,6 +69,9 @@ pub enum Reason {
     /// A sensitive rule, and no revocation list in force (unreachable past
     /// `max_stale_seconds`, or never fetched).
     RevocationUnavailable,
+    /// An `introspect` rule, and the introspection endpoint gave no usable
+    /// answer (down, slow past `timeout_ms`, not 200, not an RFC 7662 response).
+    IntrospectionUnavailable,
     /// The client went away while its request waited for keys; nothing was
     /// forwarded and no answer was sent.
     ClientClosed,
@@ -103,15 +108,17 @@ impl Reason {
             Reason::InvalidDpopProof => "invalid_dpop_proof",
             Reason::DpopReplay => "dpop_replay",
             Reason::PhiInToken => "phi_in_token",
+            Reason::Inactive => "inactive",
             Reason::VerificationRateLimited => "verification_rate_limited",
             Reason::KeysUnavailable => "keys_unavailable",
             Reason::RevocationUnavailable => "revocation_unavailable",
+            Reason::IntrospectionUnavailable => "introspection_unavailable",
             Reason::ClientClosed => "client_closed",
         }
     }
 
     /// Every reason, for stats registration and tests.
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 35] = [
         Reason::Ok,
         Reason::BadPath,
         Reason::NoRule,
@@ -141,9 +148,11 @@ impl Reason {
         Reason::InvalidDpopProof,
         Reason::DpopReplay,
         Reason::PhiInToken,
+        Reason::Inactive,
         Reason::VerificationRateLimited,
         Reason::KeysUnavailable,
         Reason::RevocationUnavailable,
+        Reason::IntrospectionUnavailable,
         Reason::ClientClosed,
     ];
 }
@@ -214,9 +223,10 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
             (401, Some(www), "stronger authentication required\n")
         }
         // ClientClosed is never sent; were it, it would be this.
-        Reason::KeysUnavailable | Reason::RevocationUnavailable | Reason::ClientClosed => {
-            (503, None, "service unavailable\n")
-        }
+        Reason::KeysUnavailable
+        | Reason::RevocationUnavailable
+        | Reason::IntrospectionUnavailable
+        | Reason::ClientClosed => (503, None, "service unavailable\n"),
         Reason::Ok => (500, None, "internal error\n"),
         Reason::Malformed
         | Reason::AlgNotAllowed
@@ -235,6 +245,7 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
         | Reason::CnfMismatch
         | Reason::SenderConstraintRequired
         | Reason::PhiInToken
+        | Reason::Inactive
         | Reason::VerificationRateLimited => (
             401,
             Some(match challenge.dpop_algs {
@@ -277,6 +288,7 @@ mod tests {
             Reason::InvalidSignature,
             Reason::UnknownKey,
             Reason::TokenTooOld,
+            Reason::Inactive,
         ] {
             let a = deny(r, "x", none);
             assert_eq!(
@@ -318,7 +330,103 @@ mod tests {
         assert_eq!(deny(Reason::NoRule, "x", none).status, 403);
         assert_eq!(deny(Reason::BadPath, "x", none).status, 400);
         assert_eq!(deny(Reason::KeysUnavailable, "x", none).status, 503);
+        let a = deny(Reason::IntrospectionUnavailable, "x", none);
+        assert_eq!((a.status, a.www_authenticate), (503, None));
         assert_eq!(deny(Reason::InvalidRequest, "x", none).status, 400);
+    }
+
+    /// The reason codes README.md lists ("Audit record"), read at test time:
+    /// the contract users key dashboards on, not this file's own list.
+    fn readme_reason_codes() -> Vec<String> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let start = readme
+            .find("Reason codes:")
+            .expect("README lists reason codes");
+        let rest = &readme[start..];
+        let paragraph = &rest[..rest.find("\n\n").unwrap_or(rest.len())];
+        // Parenthesised remarks explain a code; they name none.
+        let mut depth = 0usize;
+        let text: String = paragraph
+            .chars()
+            .filter(|c| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth = depth.saturating_sub(1),
+                    _ => return depth == 0,
+                }
+                false
+            })
+            .collect();
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A distinct number per variant. The match is exhaustive, so a new
+    /// variant does not compile until it is placed here (and so in the checks below).
+    fn ordinal(r: Reason) -> usize {
+        match r {
+            Reason::Ok => 0,
+            Reason::BadPath => 1,
+            Reason::NoRule => 2,
+            Reason::MissingToken => 3,
+            Reason::InvalidRequest => 4,
+            Reason::Malformed => 5,
+            Reason::AlgNotAllowed => 6,
+            Reason::BadType => 7,
+            Reason::UnsupportedCrit => 8,
+            Reason::UnknownIssuer => 9,
+            Reason::WrongAudience => 10,
+            Reason::MissingExp => 11,
+            Reason::Expired => 12,
+            Reason::NotYetValid => 13,
+            Reason::LifetimeTooLong => 14,
+            Reason::UnknownKey => 15,
+            Reason::InvalidSignature => 16,
+            Reason::TokenTooOld => 17,
+            Reason::InsufficientScope => 18,
+            Reason::StepUpRequired(_) => 19,
+            Reason::Revoked => 20,
+            Reason::KeysUnavailable => 21,
+            Reason::ClientClosed => 22,
+            Reason::VerificationRateLimited => 23,
+            Reason::RevocationUnavailable => 24,
+            Reason::Inactive => 25,
+            Reason::IntrospectionUnavailable => 26,
+            Reason::InsecureTransport => 27,
+            Reason::CnfMismatch => 28,
+            Reason::SenderConstraintRequired => 29,
+            Reason::InvalidDpopProof => 30,
+            Reason::DpopReplay => 31,
+            Reason::PhiInToken => 32,
+        }
+    }
+
+    #[test]
+    fn reason_codes_are_the_readmes() {
+        let readme = readme_reason_codes();
+        let mut unique = readme.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            readme.len(),
+            "a code twice in README: {readme:?}"
+        );
+        assert!(readme.len() > 20, "README list not found whole: {readme:?}");
+        // Reason::ALL (what stats are registered from) holds every variant ...
+        let mut seen: Vec<usize> = Reason::ALL.iter().map(|r| ordinal(*r)).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, (0..=32).collect::<Vec<_>>());
+        // ... and the codes they give are exactly the README's.
+        let mut ours: Vec<String> = Reason::ALL.iter().map(|r| r.code().to_owned()).collect();
+        ours.sort_unstable();
+        ours.dedup();
+        assert_eq!(ours, unique, "codes differ from README.md's list");
     }
 
     #[test]

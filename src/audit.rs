@@ -1710,3 +1710,341 @@ mod hostile {
         }
     }
 }
+
+/// Forged logs built from real ones: records sealed by two VMs' chains,
+/// interleaved as Envoy writes them, then edited, cut, duplicated, swapped,
+/// moved to the other VM or re-chained by a forger without the key. A model
+/// says what `verify_log` must answer: intact exactly when every VM's records
+/// are, in order, a prefix of what that VM sealed (cutting a chain's tail
+/// cannot be seen); otherwise refused at the first record that is not.
+#[cfg(test)]
+mod forged {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use serde_json::{json, Value};
+
+    const KEY: &[u8] = b"the real audit key";
+
+    /// A real log: `vms[i]` picks the VM of record `i`.
+    fn real_log(vms: &[bool], keyed: bool) -> Vec<String> {
+        let key = keyed.then(|| KEY.to_vec());
+        let mut a = AuditChain::new("vm-a".into(), key.clone());
+        let mut b = AuditChain::new("vm-b".into(), key);
+        vms.iter()
+            .enumerate()
+            .map(|(i, on_b)| {
+                let mut r = AuditRecord {
+                    ts: rfc3339_millis(1_790_000_000_000_000_000 + i as u64 * 1_000_000),
+                    request_id: Some(format!("req-{i}")),
+                    decision: if i % 3 == 0 { "deny" } else { "allow" }.into(),
+                    reason: if i % 3 == 0 { "expired" } else { "ok" }.into(),
+                    method: "GET".into(),
+                    status: if i % 3 == 0 { 401 } else { 200 },
+                    sub: (i % 2 == 0).then(|| format!("user-{i}")),
+                    scopes_granted: vec!["read:patient-profile".into()],
+                    ..AuditRecord::default()
+                };
+                r.set_path(&format!("/fhir/Patient/{i}"));
+                let line = if *on_b {
+                    b.seal(&mut r)
+                } else {
+                    a.seal(&mut r)
+                };
+                json!({"time": "x", "audit": line}).to_string()
+            })
+            .collect()
+    }
+
+    fn record(line: &str) -> Option<Value> {
+        let outer: Value = serde_json::from_str(line).ok()?;
+        serde_json::from_str(outer.get("audit")?.as_str()?).ok()
+    }
+
+    fn with_record(line: &str, edit: impl FnOnce(&mut Value)) -> String {
+        let mut rec = record(line).unwrap();
+        edit(&mut rec);
+        json!({"time": "x", "audit": rec.to_string()}).to_string()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Status,
+        Path,
+        Sub,
+        SeqUp,
+        SeqDown,
+        SeqText,
+        OtherVm,
+        ChainNibble,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Changed in place, chain left as it was.
+        Edit(prop::sample::Index, Edit),
+        /// Changed, then this VM's chain recomputed from there on by someone
+        /// without the key (keyed logs only): plain SHA-256, or HMAC under a guess.
+        Rechain(prop::sample::Index, Edit, bool),
+        Delete(prop::sample::Index),
+        Duplicate(prop::sample::Index),
+        Swap(prop::sample::Index, prop::sample::Index),
+        Noise(prop::sample::Index),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop::sample::select(vec![
+            Edit::Status,
+            Edit::Path,
+            Edit::Sub,
+            Edit::SeqUp,
+            Edit::SeqDown,
+            Edit::SeqText,
+            Edit::OtherVm,
+            Edit::ChainNibble,
+        ])
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let i = any::<prop::sample::Index>;
+        prop_oneof![
+            3 => (i(), edit()).prop_map(|(i, e)| Op::Edit(i, e)),
+            2 => (i(), edit(), any::<bool>()).prop_map(|(i, e, h)| Op::Rechain(i, e, h)),
+            2 => i().prop_map(Op::Delete),
+            1 => i().prop_map(Op::Duplicate),
+            2 => (i(), i()).prop_map(|(a, b)| Op::Swap(a, b)),
+            1 => i().prop_map(Op::Noise),
+        ]
+    }
+
+    fn apply_edit(line: &str, e: &Edit) -> String {
+        with_record(line, |r| match e {
+            Edit::Status => r["status"] = json!(r["status"].as_u64().unwrap_or(0) ^ 0x10),
+            Edit::Path => r["path"] = json!("/fhir/Patient/other"),
+            Edit::Sub => r["sub"] = json!("someone-else"),
+            // An earlier edit may have made seq text: counted from 0 then.
+            Edit::SeqUp => r["seq"] = json!(r["seq"].as_u64().unwrap_or(0) + 1),
+            Edit::SeqDown => r["seq"] = json!(r["seq"].as_u64().unwrap_or(1).saturating_sub(1)),
+            Edit::SeqText => r["seq"] = json!("1"),
+            Edit::OtherVm => r["vm"] = json!(if r["vm"] == "vm-a" { "vm-b" } else { "vm-a" }),
+            Edit::ChainNibble => {
+                let mut c = r["chain"].as_str().unwrap_or_default().to_owned();
+                let flipped = if c.ends_with('0') { '1' } else { '0' };
+                c.pop();
+                c.push(flipped);
+                r["chain"] = json!(c);
+            }
+        })
+    }
+
+    /// Recomputes the chain of `vm`'s records from line `from` on, as a
+    /// forger without the key would: the link before `from` is taken from the log.
+    fn rechain(lines: &mut [String], from: usize, hmac_guess: bool) {
+        let Some(vm) = record(&lines[from]).and_then(|r| r["vm"].as_str().map(str::to_owned))
+        else {
+            return;
+        };
+        let mut prev = [0u8; 32];
+        for line in &lines[..from] {
+            if let Some(r) = record(line).filter(|r| r["vm"] == vm.as_str()) {
+                prev = decode_hex(r["chain"].as_str().unwrap_or("")).unwrap_or([0; 32]);
+            }
+        }
+        for line in &mut lines[from..] {
+            let Some(mut r) = record(line).filter(|r| r["vm"] == vm.as_str()) else {
+                continue;
+            };
+            let Ok(mut parsed) = serde_json::from_value::<AuditRecord>(r.clone()) else {
+                return;
+            };
+            let key: Option<&[u8]> = hmac_guess.then_some(b"a guessed key".as_slice());
+            let next = link(key, &prev, &canonical(&parsed));
+            parsed.chain = hex(&next);
+            r["chain"] = json!(parsed.chain);
+            prev = next;
+            *line = json!({"time": "x", "audit": r.to_string()}).to_string();
+        }
+    }
+
+    fn forge(mut lines: Vec<String>, ops: &[Op], keyed: bool) -> Vec<String> {
+        for op in ops {
+            let n = lines.len();
+            if n == 0 {
+                break;
+            }
+            match op {
+                Op::Edit(i, e) => {
+                    let i = i.index(n);
+                    if record(&lines[i]).is_some() {
+                        lines[i] = apply_edit(&lines[i], e);
+                    }
+                }
+                Op::Rechain(i, e, hmac_guess) => {
+                    let i = i.index(n);
+                    if keyed && record(&lines[i]).is_some() && !matches!(e, Edit::SeqText) {
+                        lines[i] = apply_edit(&lines[i], e);
+                        rechain(&mut lines, i, *hmac_guess);
+                    }
+                }
+                Op::Delete(i) => {
+                    lines.remove(i.index(n));
+                }
+                Op::Duplicate(i) => {
+                    let i = i.index(n);
+                    let copy = lines[i].clone();
+                    lines.insert(i + 1, copy);
+                }
+                Op::Swap(a, b) => lines.swap(a.index(n), b.index(n)),
+                Op::Noise(i) => lines.insert(i.index(n), "[info] envoy: noise".into()),
+            }
+        }
+        lines
+    }
+
+    /// The model: the 1-based line of the first record that is not the next
+    /// one its VM sealed, and what the README calls it there (`None`: every
+    /// VM's records are a prefix of its own). Seen from that VM's last good
+    /// record: a `seq` not after it is reordered, one past the next is
+    /// missing (a chain's first record must be `seq` 1), an unreadable
+    /// record is malformed, and any other difference is an edit.
+    fn first_forged_line(original: &[String], forged: &[String]) -> Option<(usize, Problem)> {
+        let sealed = |vm: &str| -> Vec<Value> {
+            original
+                .iter()
+                .filter_map(|l| record(l))
+                .filter(|r| r["vm"] == vm)
+                .collect()
+        };
+        let (a, b) = (sealed("vm-a"), sealed("vm-b"));
+        let (mut next_a, mut next_b) = (0u64, 0u64);
+        for (i, line) in forged.iter().enumerate() {
+            let Ok(outer) = serde_json::from_str::<Value>(line) else {
+                continue; // not JSON: not a record line
+            };
+            let Some(rec) = record(line) else {
+                assert!(
+                    outer.get("audit").is_none(),
+                    "every forged line with a record parses"
+                );
+                continue;
+            };
+            let (mine, next) = match rec["vm"].as_str() {
+                Some("vm-a") => (&a, &mut next_a),
+                Some("vm-b") => (&b, &mut next_b),
+                other => panic!("no forgery makes vm {other:?}"),
+            };
+            if mine.get(*next as usize) == Some(&rec) {
+                *next += 1;
+                continue;
+            }
+            let problem = match rec["seq"].as_u64() {
+                None => Problem::Malformed,
+                Some(seq) if *next == 0 && seq != 1 => Problem::Missing,
+                Some(seq) if *next > 0 && seq <= *next => Problem::Reordered,
+                Some(seq) if seq > *next + 1 => Problem::Missing,
+                Some(_) => Problem::Edited,
+            };
+            return Some((i + 1, problem));
+        }
+        None
+    }
+
+    type Case = (Vec<bool>, bool, Vec<Op>);
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            prop::collection::vec(any::<bool>(), 1..10),
+            any::<bool>(),
+            prop::collection::vec(op(), 0..4),
+        )
+    }
+
+    fn check(
+        vms: &[bool],
+        keyed: bool,
+        ops: &[Op],
+    ) -> Result<Result<VerifySummary, VerifyError>, TestCaseError> {
+        let original = real_log(vms, keyed);
+        let forged = forge(original.clone(), ops, keyed);
+        let key = keyed.then_some(KEY);
+        let got = verify_log(forged.join("\n").as_bytes(), key, false);
+        match (first_forged_line(&original, &forged), &got) {
+            (None, Ok(summary)) => {
+                let records = forged.iter().filter(|l| record(l).is_some()).count();
+                prop_assert_eq!(summary.records, records);
+            }
+            (Some((line, kind)), Err(e)) => {
+                prop_assert_eq!(
+                    (e.line, e.kind),
+                    (line, kind),
+                    "{}\n{}",
+                    e,
+                    forged.join("\n")
+                )
+            }
+            (want, got) => {
+                return Err(TestCaseError::fail(format!(
+                    "want {want:?}, got {got:?} for\n{}",
+                    forged.join("\n")
+                )))
+            }
+        }
+        Ok(got)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn forged_logs_are_found_where_they_were_forged((vms, keyed, ops) in case()) {
+            let _verdict = check(&vms, keyed, &ops)?;
+        }
+    }
+
+    #[test]
+    fn generator_reaches_intact_and_every_kind_of_damage() {
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..1500 {
+            let (vms, keyed, ops) = case().new_tree(&mut runner).unwrap().current();
+            let name = match check(&vms, keyed, &ops).unwrap() {
+                Ok(_) => "intact",
+                Err(e) => match e.kind {
+                    Problem::Edited if ops.iter().any(|o| matches!(o, Op::Rechain(..))) => {
+                        "rechained"
+                    }
+                    Problem::Edited => "edited",
+                    Problem::Missing => "missing",
+                    Problem::Reordered => "reordered",
+                    Problem::Malformed => "malformed",
+                    Problem::Io => "io",
+                },
+            };
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        for name in [
+            "intact",
+            "edited",
+            "rechained",
+            "missing",
+            "reordered",
+            "malformed",
+        ] {
+            let n = counts.get(name).copied().unwrap_or(0);
+            assert!(n >= 20, "{name}: {n} of 1500: {counts:?}");
+        }
+    }
+
+    /// Why the key matters: without one, a forger who re-chains is not seen.
+    #[test]
+    fn an_unkeyed_chain_can_be_recomputed_a_keyed_one_cannot() {
+        for keyed in [false, true] {
+            let original = real_log(&[false, true, false, false], keyed);
+            let mut forged = original.clone();
+            forged[2] = apply_edit(&forged[2], &Edit::Status);
+            rechain(&mut forged, 2, false);
+            let got = verify_log(forged.join("\n").as_bytes(), keyed.then_some(KEY), false);
+            assert_eq!(got.is_ok(), !keyed, "{got:?}");
+        }
+    }
+}

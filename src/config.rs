@@ -171,11 +171,34 @@ struct RawStepUp {
 }
 
 /// A rule's `step_up`: inline, or `"default"` for `step_up_defaults`.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum RawStepUpRef {
     Named(String),
     Inline(RawStepUp),
+}
+
+// By hand rather than `#[serde(untagged)]`, which reports any error inside
+// an inline step-up as "did not match any variant", naming no field.
+impl<'de> Deserialize<'de> for RawStepUpRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = RawStepUpRef;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"default\" or a step-up object")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawStepUpRef, E> {
+                Ok(RawStepUpRef::Named(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawStepUpRef, A::Error> {
+                RawStepUp::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawStepUpRef::Inline)
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 #[derive(Deserialize)]
@@ -189,6 +212,23 @@ struct RawProvider {
     #[serde(default = "defaults::token_types")]
     token_types: Vec<String>,
     jwks: RawJwks,
+    #[serde(default)]
+    introspection: Option<RawIntrospection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntrospection {
+    uri: String,
+    cluster: String,
+    client_id: String,
+    client_secret_env: String,
+    #[serde(default = "defaults::timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "defaults::introspection_cache_seconds")]
+    cache_seconds: u64,
+    #[serde(default = "defaults::token_cache")]
+    cache_size: usize,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +271,10 @@ struct RawRule {
     require_tls: Option<bool>,
     #[serde(default)]
     require_sender_constraint: bool,
+    #[serde(default)]
+    introspect: bool,
+    #[serde(default)]
+    provider: Option<String>,
 }
 
 mod defaults {
@@ -307,6 +351,9 @@ mod defaults {
     }
     pub fn checkpoint_seconds() -> u64 {
         10
+    }
+    pub fn introspection_cache_seconds() -> u64 {
+        30
     }
 }
 
@@ -393,6 +440,30 @@ pub struct Provider {
     /// Accepted header `typ` values, lower-cased; empty means not checked.
     pub token_types: Vec<String>,
     pub jwks: FetchSource,
+    /// Where its tokens are introspected (RFC 7662), if anywhere.
+    pub introspection: Option<IntrospectionEndpoint>,
+}
+
+/// A provider's token introspection endpoint (RFC 7662) and how its answers
+/// are kept.
+#[derive(Debug)]
+pub struct IntrospectionEndpoint {
+    pub uri: String,
+    /// `:authority` and `:path` of the callout, split from `uri`.
+    pub authority: String,
+    pub path: String,
+    pub cluster: String,
+    /// phi-guard's client id at the authorization server.
+    pub client_id: String,
+    /// The environment variable holding the client secret: the host reads it
+    /// at start, so the secret is never part of the policy.
+    pub client_secret_env: String,
+    /// Callout timeout; also how long a request waits for the answer.
+    pub timeout_ms: u64,
+    /// How long an answer is kept (an active one never past its `exp`).
+    pub cache_seconds: u64,
+    /// Answers kept per worker, at most.
+    pub cache_size: usize,
 }
 
 /// Where and how often a document (a JWKS, the revocation list) is fetched.
@@ -464,6 +535,20 @@ pub struct Rule {
     pub require_tls: Option<bool>,
     /// Only mTLS- or DPoP-bound tokens.
     pub require_sender_constraint: bool,
+    /// Set on an `introspect` rule: a token is also asked about at the
+    /// authorization server before it is allowed.
+    pub introspect: Option<Introspect>,
+}
+
+/// Which provider an `introspect` rule's tokens are introspected at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Introspect {
+    /// The rule's `provider`: only that provider's tokens are accepted.
+    pub provider: Option<usize>,
+    /// Where an opaque (non-JWT) token is introspected: the named provider,
+    /// else the only provider with an introspection block. `None` (several
+    /// have one and the rule names none): opaque tokens are refused.
+    pub opaque: Option<usize>,
 }
 
 impl Rule {
@@ -513,14 +598,17 @@ const NEEDED_CLAIMS: [&str; 15] = [
 const MAX_VERIFICATION_BUDGET: u32 = 100_000;
 /// An hour: a longer gap leaves too long a tail that no checkpoint vouches for.
 const MAX_CHECKPOINT_SECONDS: u64 = 3600;
+/// An introspection answer kept longer would keep a token the authorization
+/// server revoked usable longer than most tokens live.
+const MAX_INTROSPECTION_CACHE_SECONDS: u64 = 3600;
 
 impl Policy {
     /// Parses and validates the filter configuration document.
     pub fn from_json(doc: &[u8]) -> Result<Policy, ConfigError> {
-        let raw: RawConfig = serde_json::from_slice(doc).map_err(|e| {
-            // serde names the unknown or missing field in its message.
-            err("(document)", e.to_string())
-        })?;
+        let mut de = serde_json::Deserializer::from_slice(doc);
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| serde_error(e.path(), e.inner()))?;
+        de.end().map_err(|e| err("(document)", e.to_string()))?;
         Policy::compile(raw)
     }
 
@@ -574,7 +662,7 @@ impl Policy {
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
             let at = |f: &str| format!("rules[{i}].{f}");
-            let rule = compile_rule(r, &at, defaults.as_ref())?;
+            let rule = compile_rule(r, &at, defaults.as_ref(), &providers)?;
             if !ids.insert(rule.id.clone()) {
                 return Err(err(at("id"), "duplicate rule id"));
             }
@@ -643,7 +731,7 @@ impl Policy {
             }
         }
         if let Some(name) = &raw.audit.hmac_key_env {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            if !is_env_name(name) {
                 return Err(err(
                     "audit.hmac_key_env",
                     "must be an environment variable name",
@@ -744,27 +832,44 @@ impl Policy {
     }
 }
 
+/// An environment variable name: letters, digits, `_`.
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Checks a callout's endpoint and splits its URI into the callout's
+/// `:authority` and `:path`; `at(field)` names a field in errors.
+fn compile_endpoint(
+    uri: &str,
+    cluster: &str,
+    timeout_ms: u64,
+    at: &dyn Fn(&str) -> String,
+) -> Result<(String, String), ConfigError> {
+    let (authority, path) = split_http_uri(uri).ok_or_else(|| {
+        err(
+            at("uri"),
+            "must be an absolute http:// or https:// URI with a host",
+        )
+    })?;
+    if cluster.is_empty() {
+        return Err(err(at("cluster"), "must name an Envoy cluster"));
+    }
+    if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+        return Err(err(
+            at("timeout_ms"),
+            format!("must be 1..={MAX_TIMEOUT_MS}"),
+        ));
+    }
+    Ok((authority, path))
+}
+
 /// Checks a fetched document's source and splits its URI into the callout's
 /// `:authority` and `:path`; `at(field)` names a field in errors.
 fn compile_source(
     mut s: FetchSource,
     at: &dyn Fn(&str) -> String,
 ) -> Result<FetchSource, ConfigError> {
-    let (authority, path) = split_http_uri(&s.uri).ok_or_else(|| {
-        err(
-            at("uri"),
-            "must be an absolute http:// or https:// URI with a host",
-        )
-    })?;
-    if s.cluster.is_empty() {
-        return Err(err(at("cluster"), "must name an Envoy cluster"));
-    }
-    if s.timeout_ms == 0 || s.timeout_ms > MAX_TIMEOUT_MS {
-        return Err(err(
-            at("timeout_ms"),
-            format!("must be 1..={MAX_TIMEOUT_MS}"),
-        ));
-    }
+    let (authority, path) = compile_endpoint(&s.uri, &s.cluster, s.timeout_ms, at)?;
     if s.refresh_seconds == 0 {
         return Err(err(at("refresh_seconds"), "must be positive"));
     }
@@ -774,6 +879,34 @@ fn compile_source(
     s.authority = authority;
     s.path = path;
     Ok(s)
+}
+
+/// A type or shape error at `path`, spelled like the semantic ones
+/// (`providers[0].jwks.timeout_ms`). A missing or unknown field is reported
+/// by serde at the object holding it; the error names the field itself.
+fn serde_error(path: &serde_path_to_error::Path, e: &serde_json::Error) -> ConfigError {
+    let problem = e.to_string();
+    let mut field = path.to_string();
+    if field == "." {
+        field.clear();
+    }
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|prefix| problem.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next());
+    match named {
+        Some(name) if !field.ends_with(name) => {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(name);
+        }
+        _ => {}
+    }
+    if field.is_empty() {
+        field.push_str("(document)");
+    }
+    err(field, problem)
 }
 
 fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provider, ConfigError> {
@@ -836,6 +969,12 @@ fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provi
             ))
         },
     )?;
+    let introspection = match p.introspection {
+        None => None,
+        Some(i) => Some(compile_introspection(i, &|f| {
+            at(&format!("introspection.{f}"))
+        })?),
+    };
     Ok(Provider {
         name: p.name,
         issuer: p.issuer,
@@ -843,6 +982,48 @@ fn compile_provider(p: RawProvider, at: &dyn Fn(&str) -> String) -> Result<Provi
         algorithms,
         token_types,
         jwks,
+        introspection,
+    })
+}
+
+fn compile_introspection(
+    i: RawIntrospection,
+    at: &dyn Fn(&str) -> String,
+) -> Result<IntrospectionEndpoint, ConfigError> {
+    let (authority, path) = compile_endpoint(&i.uri, &i.cluster, i.timeout_ms, at)?;
+    if i.client_id.is_empty() {
+        return Err(err(at("client_id"), "must not be empty"));
+    }
+    if !is_env_name(&i.client_secret_env) {
+        return Err(err(
+            at("client_secret_env"),
+            "must be an environment variable name (the secret itself never goes in the policy)",
+        ));
+    }
+    if i.cache_seconds == 0 || i.cache_seconds > MAX_INTROSPECTION_CACHE_SECONDS {
+        return Err(err(
+            at("cache_seconds"),
+            format!("must be 1..={MAX_INTROSPECTION_CACHE_SECONDS}"),
+        ));
+    }
+    if i.cache_size == 0 || i.cache_size > MAX_TOKEN_CACHE {
+        return Err(err(
+            at("cache_size"),
+            format!(
+                "must be 1..={MAX_TOKEN_CACHE} (a request that waited is decided from the cache)"
+            ),
+        ));
+    }
+    Ok(IntrospectionEndpoint {
+        uri: i.uri,
+        authority,
+        path,
+        cluster: i.cluster,
+        client_id: i.client_id,
+        client_secret_env: i.client_secret_env,
+        timeout_ms: i.timeout_ms,
+        cache_seconds: i.cache_seconds,
+        cache_size: i.cache_size,
     })
 }
 
@@ -895,6 +1076,7 @@ fn compile_rule(
     r: RawRule,
     at: &dyn Fn(&str) -> String,
     step_up_defaults: Option<&StepUp>,
+    providers: &[Provider],
 ) -> Result<Rule, ConfigError> {
     if r.id.is_empty()
         || !r
@@ -939,13 +1121,15 @@ fn compile_rule(
             || r.max_token_age_seconds.is_some()
             || r.step_up.is_some()
             || r.sensitive
-            || r.require_sender_constraint)
+            || r.require_sender_constraint
+            || r.introspect)
     {
         return Err(err(
             at("public"),
-            "a public rule cannot require scopes, token age, step-up or a bound token, nor be sensitive",
+            "a public rule cannot require scopes, token age, step-up or a bound token, nor be sensitive or introspect",
         ));
     }
+    let introspect = compile_introspect(r.introspect, r.provider.as_deref(), providers, at)?;
     let step_up = match r.step_up {
         None => None,
         Some(RawStepUpRef::Named(name)) if name == "default" => match step_up_defaults {
@@ -977,7 +1161,65 @@ fn compile_rule(
         sensitive: r.sensitive,
         require_tls: r.require_tls,
         require_sender_constraint: r.require_sender_constraint,
+        introspect,
     })
+}
+
+/// A rule's `introspect` and `provider`: an introspect rule needs a provider
+/// that introspects, and only an introspect rule names one.
+fn compile_introspect(
+    introspect: bool,
+    provider: Option<&str>,
+    providers: &[Provider],
+    at: &dyn Fn(&str) -> String,
+) -> Result<Option<Introspect>, ConfigError> {
+    let named = match provider {
+        None => None,
+        Some(_) if !introspect => {
+            return Err(err(
+                at("provider"),
+                "only a rule with \"introspect\": true names a provider",
+            ))
+        }
+        Some(name) => {
+            let (i, p) = providers
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.name == name)
+                .ok_or_else(|| err(at("provider"), format!("no provider is named {name:?}")))?;
+            if p.introspection.is_none() {
+                return Err(err(
+                    at("provider"),
+                    format!("provider {name:?} has no introspection block"),
+                ));
+            }
+            Some(i)
+        }
+    };
+    if !introspect {
+        return Ok(None);
+    }
+    let mut introspecting = providers
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.introspection.is_some())
+        .map(|(i, _)| i);
+    let first = introspecting.next();
+    if first.is_none() {
+        return Err(err(
+            at("introspect"),
+            "no provider has an introspection block",
+        ));
+    }
+    let only = if introspecting.next().is_none() {
+        first
+    } else {
+        None
+    };
+    Ok(Some(Introspect {
+        provider: named,
+        opaque: named.or(only),
+    }))
 }
 
 /// RFC 6749 scope-token characters; also keeps scopes safe inside a quoted header value.
@@ -1180,6 +1422,28 @@ mod tests {
                 &|d| d["audit"] = json!({"checkpoint_seconds": 0}),
                 "audit.checkpoint_seconds",
             ),
+            // Type and shape errors name their field too, not "(document)".
+            (
+                &|d| d["providers"][0]["jwks"]["timeout_ms"] = json!("2000"),
+                "providers[0].jwks.timeout_ms",
+            ),
+            (
+                &|d| d["rules"][0]["step_up"] = json!({"max_age_seconds": -1}),
+                "rules[0].step_up.max_age_seconds",
+            ),
+            (
+                &|d| d["rules"][0]["step_up"] = json!({"amr": ["otp"]}),
+                "rules[0].step_up.amr",
+            ),
+            (&|d| d["rules"][0]["step_up"] = json!(7), "rules[0].step_up"),
+            (
+                &|d| d["providers"][0]["jwks"] = json!({"uri": "https://idp/keys"}),
+                "providers[0].jwks.cluster",
+            ),
+            (
+                &|d| d["rules"][0]["scope"] = json!(["read"]),
+                "rules[0].scope",
+            ),
         ];
         for (edit, field) in cases {
             let mut doc = base();
@@ -1187,12 +1451,12 @@ mod tests {
             let e = load(&doc).unwrap_err();
             assert_eq!(e.field, field, "{doc}: {e}");
         }
-        // Unknown fields and wrong types are refused, naming the field in the message.
-        let mut doc = base();
-        doc["rules"][0]["scope"] = json!(["read"]);
-        let e = load(&doc).unwrap_err();
-        assert!(e.problem.contains("scope"), "{e}");
         assert!(Policy::from_json(b"not json").is_err());
+        let trailing = format!("{} x", base());
+        assert_eq!(
+            Policy::from_json(trailing.as_bytes()).unwrap_err().field,
+            "(document)"
+        );
     }
 
     #[test]
@@ -1249,6 +1513,178 @@ mod tests {
         let mut doc = base();
         doc["rules"][0] = json!({"id": "r", "path": "/a/{id}", "public": true, "sensitive": true});
         assert_eq!(load(&doc).unwrap_err().field, "rules[0].public");
+    }
+
+    fn introspecting(name: &str, issuer: &str) -> Value {
+        json!({"name": name, "issuer": issuer, "audiences": ["api"],
+            "jwks": {"uri": "https://idp/keys", "cluster": "idp"},
+            "introspection": {"uri": "https://as.example.org/introspect?v=1", "cluster": "as",
+                "client_id": "phi-guard", "client_secret_env": "AS_SECRET"}})
+    }
+
+    #[test]
+    fn introspection_block_defaults_and_rules() {
+        let mut doc = base();
+        doc["providers"][0]["introspection"] = introspecting("x", "y")["introspection"].clone();
+        doc["rules"][0]["introspect"] = json!(true);
+        let p = load(&doc).unwrap();
+        let i = p.providers[0].introspection.as_ref().unwrap();
+        assert_eq!(
+            (i.authority.as_str(), i.path.as_str(), i.cluster.as_str()),
+            ("as.example.org", "/introspect?v=1", "as")
+        );
+        assert_eq!(
+            (i.client_id.as_str(), i.client_secret_env.as_str()),
+            ("phi-guard", "AS_SECRET")
+        );
+        assert_eq!(
+            (i.timeout_ms, i.cache_seconds, i.cache_size),
+            (2000, 30, 10_000)
+        );
+        // The only introspecting provider takes opaque tokens.
+        assert_eq!(
+            p.rules[0].introspect,
+            Some(Introspect {
+                provider: None,
+                opaque: Some(0)
+            })
+        );
+        assert!(load(&base()).unwrap().rules[0].introspect.is_none());
+
+        // Two introspecting providers: a rule naming neither takes no opaque tokens.
+        let mut doc = base();
+        doc["providers"] = json!([
+            base()["providers"][0],
+            introspecting("a", "https://a"),
+            introspecting("b", "https://b")
+        ]);
+        doc["rules"] = json!([
+            {"id": "any", "path": "/any", "introspect": true},
+            {"id": "named", "path": "/named", "introspect": true, "provider": "b"},
+        ]);
+        let p = load(&doc).unwrap();
+        assert_eq!(
+            p.rules[0].introspect,
+            Some(Introspect {
+                provider: None,
+                opaque: None
+            })
+        );
+        assert_eq!(
+            p.rules[1].introspect,
+            Some(Introspect {
+                provider: Some(2),
+                opaque: Some(2)
+            })
+        );
+    }
+
+    #[test]
+    fn introspection_errors_name_the_field() {
+        let with_block = |edit: &dyn Fn(&mut Value)| {
+            let mut doc = base();
+            doc["providers"][0]["introspection"] = introspecting("x", "y")["introspection"].clone();
+            edit(&mut doc["providers"][0]["introspection"]);
+            load(&doc)
+        };
+        let at = |f: &str| format!("providers[0].introspection.{f}");
+        type Edit<'a> = &'a dyn Fn(&mut Value);
+        let cases: Vec<(Edit, String)> = vec![
+            (
+                &|i| i["uri"] = json!("as.example.org/introspect"),
+                at("uri"),
+            ),
+            (&|i| i["cluster"] = json!(""), at("cluster")),
+            (&|i| i["timeout_ms"] = json!(0), at("timeout_ms")),
+            (&|i| i["timeout_ms"] = json!(60_001), at("timeout_ms")),
+            (&|i| i["client_id"] = json!(""), at("client_id")),
+            (
+                &|i| i["client_secret_env"] = json!(""),
+                at("client_secret_env"),
+            ),
+            (
+                &|i| i["client_secret_env"] = json!("AS SECRET"),
+                at("client_secret_env"),
+            ),
+            (&|i| i["cache_seconds"] = json!(0), at("cache_seconds")),
+            (&|i| i["cache_seconds"] = json!(3601), at("cache_seconds")),
+            (&|i| i["cache_size"] = json!(0), at("cache_size")),
+            (&|i| i["cache_size"] = json!(1_000_001), at("cache_size")),
+        ];
+        for (edit, field) in cases {
+            let e = with_block(edit).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        assert!(with_block(&|i| i["cache_size"] = json!(1_000_000)).is_ok());
+        // Required members and unknown ones are named in the message.
+        for (edit, name) in [
+            (
+                &(|i: &mut Value| {
+                    i.as_object_mut().unwrap().remove("client_secret_env");
+                }) as Edit,
+                "client_secret_env",
+            ),
+            (
+                &|i: &mut Value| {
+                    i.as_object_mut().unwrap().remove("client_id");
+                },
+                "client_id",
+            ),
+            (
+                &|i: &mut Value| i["client_secret"] = json!("s3cret"),
+                "client_secret",
+            ),
+        ] {
+            let e = with_block(edit).unwrap_err();
+            assert!(e.to_string().contains(name), "{e} should name {name}");
+        }
+
+        // Rules.
+        let rule = |r: Value, introspects: bool| {
+            let mut doc = base();
+            if introspects {
+                doc["providers"][0]["introspection"] =
+                    introspecting("x", "y")["introspection"].clone();
+            }
+            doc["rules"][0] = r;
+            load(&doc)
+        };
+        let cases = [
+            (
+                json!({"id": "r", "path": "/a", "introspect": true}),
+                false,
+                "rules[0].introspect",
+            ),
+            (
+                json!({"id": "r", "path": "/a", "introspect": true, "provider": "nobody"}),
+                true,
+                "rules[0].provider",
+            ),
+            (
+                json!({"id": "r", "path": "/a", "introspect": true, "provider": "idp"}),
+                false,
+                "rules[0].provider",
+            ),
+            (
+                json!({"id": "r", "path": "/a", "provider": "idp"}),
+                true,
+                "rules[0].provider",
+            ),
+            (
+                json!({"id": "r", "path": "/a", "public": true, "introspect": true}),
+                true,
+                "rules[0].public",
+            ),
+        ];
+        for (r, introspects, field) in cases {
+            let e = rule(r.clone(), introspects).unwrap_err();
+            assert_eq!(e.field, field, "{r}: {e}");
+        }
+        assert!(rule(
+            json!({"id": "r", "path": "/a", "introspect": true, "provider": "idp"}),
+            true
+        )
+        .is_ok());
     }
 
     #[test]
@@ -1348,6 +1784,543 @@ mod hostile {
                 }
             }
             let _ = Policy::from_json(&doc);
+        }
+    }
+}
+
+/// Valid policies changed structurally — a field dropped, retyped or set to
+/// another value, an unknown field added, a rule or provider duplicated —
+/// against what the README promises: a change that leaves a valid policy
+/// loads with exactly the document's values and the README's defaults for
+/// what it leaves out; any other change is refused with an error naming the
+/// field it is about.
+#[cfg(test)]
+mod structural {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    /// Every optional field set away from its default, so a dropped one shows.
+    fn base() -> Value {
+        json!({
+            "providers": [{"name": "idp", "issuer": "https://idp", "audiences": ["api", "api2"],
+                "algorithms": ["RS256", "ES384"], "token_types": ["at+jwt"],
+                "jwks": {"uri": "https://idp/keys", "cluster": "idp", "timeout_ms": 2500,
+                         "cache_seconds": 120, "max_stale_seconds": 600, "min_refetch_seconds": 10,
+                         "retry_seconds": 2}}],
+            "clock_skew_seconds": 30,
+            "max_token_lifetime_seconds": 1800,
+            "forward_token": true,
+            "deny_wildcard_scopes": false,
+            "verified_token_cache_size": 50,
+            "realm": "r",
+            "claims_to_headers": {"sub": "x-phi-subject", "scopes": "x-phi-scopes"},
+            "roles_claim": "roles",
+            "role_scopes": {"clinician": ["read"]},
+            "step_up_defaults": {"acr_values": ["urn:mfa"], "max_age_seconds": 300},
+            "audit": {"hmac_key_env": "KEY"},
+            "rules": [
+                {"id": "h", "path": "/healthz", "public": true},
+                {"id": "e", "methods": ["GET"], "path": "/fhir/$export", "scopes": ["export:bulk"], "step_up": "default"},
+                {"id": "r", "methods": ["GET"], "path": "/fhir/Patient/{id}", "scopes": ["read"], "max_token_age_seconds": 600},
+                {"id": "f", "path": "/files/{rest=**}", "scopes_any": ["a", "b"]},
+                {"id": "s", "methods": ["POST"], "path": "/sign/{id}", "scopes": ["sign"],
+                 "step_up": {"amr_any": ["otp"], "max_age_seconds": 60}}
+            ]
+        })
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Seg {
+        Key(&'static str),
+        At(usize),
+    }
+
+    type Path = Vec<Seg>;
+
+    /// The path as errors spell it: `providers[0].jwks.uri`.
+    fn spelled(path: &[Seg]) -> String {
+        let mut out = String::new();
+        for seg in path {
+            match seg {
+                Seg::Key(k) if out.is_empty() => out.push_str(k),
+                Seg::Key(k) => out.push_str(&format!(".{k}")),
+                Seg::At(i) => out.push_str(&format!("[{i}]")),
+            }
+        }
+        out
+    }
+
+    fn at<'v>(doc: &'v mut Value, path: &[Seg]) -> Option<&'v mut Value> {
+        path.iter().try_fold(doc, |v, seg| match seg {
+            Seg::Key(k) => v.get_mut(*k),
+            Seg::At(i) => v.get_mut(*i),
+        })
+    }
+
+    /// What each field is, by name: a value of the wrong type, and whether it must be there.
+    fn field_kind(name: &str) -> (Value, bool) {
+        let required = matches!(
+            name,
+            "providers"
+                | "name"
+                | "issuer"
+                | "audiences"
+                | "jwks"
+                | "uri"
+                | "cluster"
+                | "id"
+                | "path"
+        );
+        let wrong = match name {
+            "providers" | "rules" => json!({"0": {}}),
+            "jwks" | "step_up_defaults" | "audit" => json!("x"),
+            "claims_to_headers" | "role_scopes" => json!(["sub"]),
+            "step_up" => json!(7),
+            "forward_token" | "deny_wildcard_scopes" | "public" => json!("true"),
+            "audiences" | "algorithms" | "token_types" | "methods" | "scopes" | "scopes_any"
+            | "acr_values" | "amr_any" => json!("x"),
+            "name" | "issuer" | "uri" | "cluster" | "realm" | "roles_claim" | "hmac_key_env"
+            | "id" | "path" => json!(7),
+            _ => json!("7"), // the numbers
+        };
+        (wrong, required)
+    }
+
+    /// Every field of the base document.
+    fn fields() -> Vec<Path> {
+        let doc = base();
+        let mut out = Vec::new();
+        let mut add = |prefix: Path, v: &Value| {
+            for k in v.as_object().unwrap().keys() {
+                let name: &'static str = Box::leak(k.clone().into_boxed_str());
+                let mut p = prefix.clone();
+                p.push(Seg::Key(name));
+                out.push(p);
+            }
+        };
+        add(vec![], &doc);
+        let provider = vec![Seg::Key("providers"), Seg::At(0)];
+        add(provider.clone(), &doc["providers"][0]);
+        add(
+            [provider, vec![Seg::Key("jwks")]].concat(),
+            &doc["providers"][0]["jwks"],
+        );
+        for (i, rule) in doc["rules"].as_array().unwrap().iter().enumerate() {
+            add(vec![Seg::Key("rules"), Seg::At(i)], rule);
+        }
+        add(vec![Seg::Key("step_up_defaults")], &doc["step_up_defaults"]);
+        add(vec![Seg::Key("audit")], &doc["audit"]);
+        add(
+            vec![Seg::Key("rules"), Seg::At(4), Seg::Key("step_up")],
+            &doc["rules"][4]["step_up"],
+        );
+        out
+    }
+
+    #[derive(Debug, Clone)]
+    enum Change {
+        Drop(Path),
+        Retype(Path),
+        Set(Path, Value),
+        Unknown(Path),
+        DuplicateRule(usize),
+        DuplicateProvider,
+    }
+
+    /// What the loader must answer: the field an error names, or a policy.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Want {
+        Loads,
+        Refused(String),
+    }
+
+    fn last(path: &[Seg]) -> &'static str {
+        match path.last() {
+            Some(Seg::Key(k)) => k,
+            _ => "",
+        }
+    }
+
+    /// Applies `change` and says what must come of it.
+    fn apply(doc: &mut Value, change: &Change) -> Want {
+        match change {
+            Change::Drop(path) => {
+                let (parent, name) = (&path[..path.len() - 1], last(path));
+                at(doc, parent)
+                    .and_then(|v| v.as_object_mut())
+                    .unwrap()
+                    .remove(name);
+                if field_kind(name).1 {
+                    return Want::Refused(spelled(path));
+                }
+                // Optional alone, but another field needs it.
+                match spelled(path).as_str() {
+                    "roles_claim" => Want::Refused("roles_claim".into()),
+                    "role_scopes" => Want::Refused("role_scopes".into()),
+                    "step_up_defaults" => Want::Refused("rules[1].step_up".into()),
+                    _ => Want::Loads,
+                }
+            }
+            Change::Retype(path) => {
+                *at(doc, path).unwrap() = field_kind(last(path)).0;
+                Want::Refused(spelled(path))
+            }
+            Change::Set(path, value) => {
+                *at(doc, path).unwrap() = value.clone();
+                match (spelled(path).as_str(), value.as_u64()) {
+                    // README: clock skew at most 300.
+                    ("clock_skew_seconds", Some(s)) if s > 300 => {
+                        Want::Refused("clock_skew_seconds".into())
+                    }
+                    _ => Want::Loads,
+                }
+            }
+            Change::Unknown(path) => {
+                at(doc, path)
+                    .and_then(|v| v.as_object_mut())
+                    .unwrap()
+                    .insert("bogus_field".into(), json!(1));
+                let mut field = path.clone();
+                field.push(Seg::Key("bogus_field"));
+                Want::Refused(spelled(&field))
+            }
+            Change::DuplicateRule(i) => {
+                let rules = doc["rules"].as_array_mut().unwrap();
+                let copy = rules[*i].clone();
+                rules.insert(i + 1, copy);
+                Want::Refused(format!("rules[{}].id", i + 1))
+            }
+            Change::DuplicateProvider => {
+                let providers = doc["providers"].as_array_mut().unwrap();
+                let copy = providers[0].clone();
+                providers.push(copy);
+                Want::Refused("providers[1].name".into())
+            }
+        }
+    }
+
+    /// The document as the README says it is read: every field left out
+    /// takes the README's default ("Configuration reference").
+    fn effective(doc: &Value) -> Value {
+        let or = |v: &Value, key: &str, default: Value| match v.get(key) {
+            Some(x) => x.clone(),
+            None => default,
+        };
+        let dedup = |v: Value| {
+            let mut seen = Vec::new();
+            for x in v.as_array().unwrap() {
+                if !seen.contains(x) {
+                    seen.push(x.clone());
+                }
+            }
+            Value::from(seen)
+        };
+        let lower = |v: Value| {
+            Value::from(
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.as_str().unwrap().to_ascii_lowercase())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let step_up = |s: &Value| {
+            json!({"acr_values": or(s, "acr_values", json!([])), "amr_any": or(s, "amr_any", json!([])),
+                   "max_age_seconds": or(s, "max_age_seconds", Value::Null)})
+        };
+        let providers: Vec<Value> = doc["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let j = &p["jwks"];
+                json!({
+                    "name": p["name"], "issuer": p["issuer"], "audiences": p["audiences"],
+                    "algorithms": dedup(or(p, "algorithms", json!(["RS256", "PS256", "ES256", "EdDSA"]))),
+                    "token_types": lower(or(p, "token_types", json!(["at+jwt", "JWT"]))),
+                    "jwks": {"uri": j["uri"], "cluster": j["cluster"],
+                        "timeout_ms": or(j, "timeout_ms", json!(2000)),
+                        "cache_seconds": or(j, "cache_seconds", json!(300)),
+                        "max_stale_seconds": or(j, "max_stale_seconds", json!(3600)),
+                        "min_refetch_seconds": or(j, "min_refetch_seconds", json!(30)),
+                        "retry_seconds": or(j, "retry_seconds", json!(1))}
+                })
+            })
+            .collect();
+        let rules: Vec<Value> = or(doc, "rules", json!([]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let step = match r.get("step_up") {
+                    None => Value::Null,
+                    Some(Value::String(_)) => step_up(&doc["step_up_defaults"]),
+                    Some(inline) => step_up(inline),
+                };
+                json!({
+                    "id": r["id"], "methods": or(r, "methods", Value::Null), "path": r["path"],
+                    "public": or(r, "public", json!(false)), "scopes": or(r, "scopes", json!([])),
+                    "scopes_any": or(r, "scopes_any", json!([])),
+                    "max_token_age_seconds": or(r, "max_token_age_seconds", Value::Null),
+                    "step_up": step,
+                })
+            })
+            .collect();
+        json!({
+            "providers": providers,
+            "clock_skew_seconds": or(doc, "clock_skew_seconds", json!(60)),
+            "max_token_lifetime_seconds": or(doc, "max_token_lifetime_seconds", json!(3600)),
+            "forward_token": or(doc, "forward_token", json!(false)),
+            "deny_wildcard_scopes": or(doc, "deny_wildcard_scopes", json!(true)),
+            "verified_token_cache_size": or(doc, "verified_token_cache_size", json!(10000)),
+            "realm": or(doc, "realm", json!("phi-guard")),
+            "claims_to_headers": or(doc, "claims_to_headers", json!({})),
+            "roles_claim": or(doc, "roles_claim", Value::Null),
+            "role_scopes": or(doc, "role_scopes", json!({})),
+            "hmac_key_env": doc.get("audit").map_or(Value::Null, |a| or(a, "hmac_key_env", Value::Null)),
+            "rules": rules,
+        })
+    }
+
+    /// The loaded policy in the shape of [`effective`].
+    fn summary(p: &Policy) -> Value {
+        let claim_name = |c: &ForwardedClaim| {
+            ForwardedClaim::NAMES
+                .iter()
+                .find(|(_, w)| w == c)
+                .map(|(n, _)| *n)
+                .unwrap()
+        };
+        json!({
+            "providers": p.providers.iter().map(|p| json!({
+                "name": p.name, "issuer": p.issuer, "audiences": p.audiences,
+                "algorithms": p.algorithms.iter().map(|a| a.name()).collect::<Vec<_>>(),
+                "token_types": p.token_types,
+                "jwks": {"uri": p.jwks.uri, "cluster": p.jwks.cluster, "timeout_ms": p.jwks.timeout_ms,
+                    "cache_seconds": p.jwks.refresh_seconds, "max_stale_seconds": p.jwks.max_stale_seconds,
+                    "min_refetch_seconds": p.jwks.min_refetch_seconds, "retry_seconds": p.jwks.retry_seconds},
+            })).collect::<Vec<_>>(),
+            "clock_skew_seconds": p.clock_skew,
+            "max_token_lifetime_seconds": p.max_token_lifetime,
+            "forward_token": p.forward_token,
+            "deny_wildcard_scopes": p.deny_wildcard_scopes,
+            "verified_token_cache_size": p.verified_token_cache_size,
+            "realm": p.realm,
+            "claims_to_headers": p.claims_to_headers.iter()
+                .map(|(c, h)| (claim_name(c).to_owned(), json!(h)))
+                .collect::<serde_json::Map<_, _>>(),
+            "roles_claim": p.roles_claim,
+            "role_scopes": p.role_scopes,
+            "hmac_key_env": p.audit_hmac_key_env,
+            "rules": p.rules.iter().map(|r| json!({
+                "id": r.id, "methods": r.methods, "path": r.path.as_str(), "public": r.public,
+                "scopes": r.scopes, "scopes_any": r.scopes_any,
+                "max_token_age_seconds": r.max_token_age,
+                "step_up": r.step_up.as_ref().map(|s| json!({"acr_values": s.acr_values,
+                    "amr_any": s.amr_any, "max_age_seconds": s.max_age})),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Loads the changed document and holds the answer to `want`.
+    fn check(doc: &Value, want: &Want) -> Result<(), String> {
+        match (Policy::from_json(doc.to_string().as_bytes()), want) {
+            (Ok(p), Want::Loads) => {
+                let (got, wanted) = (summary(&p), effective(doc));
+                if got == wanted {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "loaded as\n{got}\nbut the README reads it as\n{wanted}"
+                    ))
+                }
+            }
+            (Err(e), Want::Refused(field)) => {
+                // The error is about that field: at it, or at the object
+                // holding it with the field named (serde's missing/unknown field).
+                let (parent, name) = match field.rsplit_once('.') {
+                    Some((parent, name)) => (parent, name),
+                    None => ("", field.as_str()),
+                };
+                let names_it = e.field == *field
+                    || (e.field == parent && e.problem.contains(&format!("`{name}`")));
+                if names_it {
+                    Ok(())
+                } else {
+                    Err(format!("refused, but not naming `{field}`: {e}"))
+                }
+            }
+            (Ok(_), Want::Refused(field)) => Err(format!("loaded; want it refused at `{field}`")),
+            (Err(e), Want::Loads) => Err(format!("refused ({e}); want it loaded")),
+        }
+    }
+
+    fn every_change() -> Vec<Change> {
+        let mut out = Vec::new();
+        for path in fields() {
+            out.push(Change::Drop(path.clone()));
+            out.push(Change::Retype(path));
+        }
+        for object in [
+            vec![],
+            vec![Seg::Key("providers"), Seg::At(0)],
+            vec![Seg::Key("providers"), Seg::At(0), Seg::Key("jwks")],
+            vec![Seg::Key("step_up_defaults")],
+            vec![Seg::Key("audit")],
+            vec![Seg::Key("rules"), Seg::At(4), Seg::Key("step_up")],
+        ] {
+            out.push(Change::Unknown(object));
+        }
+        for i in 0..5 {
+            out.push(Change::Unknown(vec![Seg::Key("rules"), Seg::At(i)]));
+            out.push(Change::DuplicateRule(i));
+        }
+        out.push(Change::DuplicateProvider);
+        out.extend(harmless_sets());
+        let skew = vec![Seg::Key("clock_skew_seconds")];
+        out.push(Change::Set(skew.clone(), json!(300)));
+        out.push(Change::Set(skew, json!(301)));
+        out
+    }
+
+    /// Other valid values.
+    fn harmless_sets() -> Vec<Change> {
+        let p = |segs: &[Seg]| segs.to_vec();
+        vec![
+            Change::Set(p(&[Seg::Key("verified_token_cache_size")]), json!(0)),
+            Change::Set(
+                p(&[Seg::Key("providers"), Seg::At(0), Seg::Key("algorithms")]),
+                json!(["ES384", "RS256", "ES384"]),
+            ),
+            Change::Set(
+                p(&[Seg::Key("providers"), Seg::At(0), Seg::Key("token_types")]),
+                json!(["AT+JWT", "application/jwt"]),
+            ),
+            Change::Set(
+                p(&[Seg::Key("providers"), Seg::At(0), Seg::Key("token_types")]),
+                json!([]),
+            ),
+            Change::Set(
+                p(&[Seg::Key("rules"), Seg::At(2), Seg::Key("methods")]),
+                json!(["GET", "HEAD"]),
+            ),
+        ]
+    }
+
+    #[test]
+    fn the_base_loads_as_written() {
+        check(&base(), &Want::Loads).unwrap();
+    }
+
+    /// Each change alone, every one of them.
+    #[test]
+    fn every_single_change_is_answered_as_promised() {
+        let (mut loads, mut refused, mut wrong) = (0, 0, Vec::new());
+        for change in every_change() {
+            let mut doc = base();
+            let want = apply(&mut doc, &change);
+            match &want {
+                Want::Loads => loads += 1,
+                Want::Refused(_) => refused += 1,
+            }
+            if let Err(e) = check(&doc, &want) {
+                wrong.push(format!("{change:?}: {e}"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} wrong:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        );
+        // Both ways are taken, many times.
+        assert!(
+            loads >= 30 && refused >= 60,
+            "{loads} loaded, {refused} refused"
+        );
+    }
+
+    /// Drops of optional fields that need nothing else and other valid values.
+    fn harmless() -> Vec<Change> {
+        let needed_elsewhere = ["roles_claim", "role_scopes", "step_up_defaults"];
+        let mut out: Vec<Change> = fields()
+            .into_iter()
+            .filter(|p| {
+                let name = last(p);
+                !field_kind(name).1
+                    && !needed_elsewhere.contains(&name)
+                    // Both parts of a step-up gone leave it asking nothing: refused.
+                    && !matches!(name, "acr_values" | "amr_any" | "max_age_seconds")
+            })
+            .map(Change::Drop)
+            .collect();
+        out.extend(harmless_sets());
+        out
+    }
+
+    fn touches(change: &Change, path: &str) -> bool {
+        let p = match change {
+            Change::Drop(p) | Change::Retype(p) | Change::Set(p, _) | Change::Unknown(p) => {
+                spelled(p)
+            }
+            Change::DuplicateRule(_) => "rules".into(),
+            Change::DuplicateProvider => "providers".into(),
+        };
+        // The rule that uses step_up_defaults depends on it.
+        let also = (path == "step_up_defaults").then_some("rules[1].step_up");
+        [Some(path), also]
+            .into_iter()
+            .flatten()
+            .any(|path| path.starts_with(&p) || p.starts_with(path))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Several harmless changes together still load as the README reads them;
+        /// add one harmful change and it is the one the error names.
+        #[test]
+        fn changes_together_are_answered_as_promised(
+            picks in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+            harmful in prop::option::of(any::<prop::sample::Index>()),
+        ) {
+            let all = every_change();
+            let bad: Vec<&Change> = all
+                .iter()
+                .filter(|c| {
+                    let mut d = base();
+                    matches!(apply(&mut d, c), Want::Refused(_))
+                })
+                .collect();
+            let harmful = harmful.map(|i| bad[i.index(bad.len())].clone());
+            let mut doc = base();
+            let mut want = Want::Loads;
+            let target = harmful.as_ref().map(|h| match h {
+                Change::Drop(p) | Change::Retype(p) | Change::Set(p, _) | Change::Unknown(p) => spelled(p),
+                Change::DuplicateRule(_) => "rules".into(),
+                Change::DuplicateProvider => "providers".into(),
+            });
+            let ok = harmless();
+            for i in picks {
+                let change = &ok[i.index(ok.len())];
+                if target.as_deref().is_some_and(|t| touches(change, t)) {
+                    continue;
+                }
+                // A field dropped before: nothing left to drop or set.
+                if let Change::Drop(p) | Change::Set(p, _) = change {
+                    if at(&mut doc, p).is_none() {
+                        continue;
+                    }
+                }
+                prop_assert_eq!(apply(&mut doc, change), Want::Loads);
+            }
+            if let Some(h) = &harmful {
+                want = apply(&mut doc, h);
+            }
+            if let Err(e) = check(&doc, &want) {
+                return Err(TestCaseError::fail(format!("{harmful:?}: {e}")));
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! One request's decision: path safety, rule, transport, token, revocation,
-//! forbidden claims, sender binding, token age, scopes, step-up — in that
-//! order, each a value the host turns into an answer.
+//! forbidden claims, sender binding, introspection, token age, scopes,
+//! step-up — in that order, each a value the host turns into an answer.
 
 use std::rc::Rc;
 
@@ -8,6 +8,7 @@ use crate::answer::{Challenge, Reason, StepUpFailure};
 use crate::binding::{self, Binding, Presented, ProofRules, Scheme};
 use crate::budget::VerificationBudget;
 use crate::config::{ForbiddenClaimsAction, ForwardedClaim, Policy, Rule, StepUp, TlsVersion};
+use crate::introspection::{self, IntrospectionCache, Outcome, TokenKey};
 use crate::jwks::KeySet;
 use crate::revocation::RevocationList;
 use crate::rules::{query_has_access_token, scopes_satisfied, SafePath};
@@ -61,6 +62,9 @@ pub enum WaitFor {
     Keys { provider: usize, unknown_kid: bool },
     /// The first revocation list.
     Revocations,
+    /// The authorization server's answer about the token with SHA-256 `key`
+    /// (an `introspect` rule).
+    Introspection { provider: usize, key: TokenKey },
 }
 
 /// The revocation list as the worker holds it.
@@ -95,6 +99,9 @@ pub struct Facts<'a> {
 pub struct State {
     pub cache: TokenCache,
     pub budget: VerificationBudget,
+    /// Introspection answers, by provider (empty for one without an
+    /// introspection block). The host puts them in as they arrive.
+    pub introspection: Vec<IntrospectionCache>,
 }
 
 impl State {
@@ -103,6 +110,13 @@ impl State {
         State {
             cache: TokenCache::new(policy.verified_token_cache_size),
             budget: VerificationBudget::new(policy.verification_budget),
+            introspection: policy
+                .providers
+                .iter()
+                .map(|p| {
+                    IntrospectionCache::new(p.introspection.as_ref().map_or(0, |i| i.cache_size))
+                })
+                .collect(),
         }
     }
 }
@@ -115,14 +129,21 @@ pub struct Trace {
     /// Decided without a revocation list in force (set by the host, which
     /// knows how fresh its list is).
     pub revocation_stale: bool,
+    /// Whether a kept introspection answer was found (`None`: not asked).
+    pub introspection_cache_hit: Option<bool>,
 }
 
 /// Decides `req` at Unix time `now`.
 ///
 /// With `may_wait`, what a fetch may still bring (keys, a `kid`, the first
-/// revocation list) yields [`Verdict::Wait`]; without, its absence is final
-/// (503 or 401). A token not in the state's cache is checked within its
-/// source's verification budget.
+/// revocation list, an introspection answer) yields [`Verdict::Wait`];
+/// without, its absence is final (503 or 401). A token not in the state's
+/// cache is checked within its source's verification budget.
+///
+/// A token that is not JWS compact (three dot-separated parts) is opaque:
+/// on an `introspect` rule with a provider to ask it is known by the
+/// introspection answer alone; anywhere else it is malformed. A JWT is
+/// introspected only once every JWT check and revocation passed.
 pub fn decide(
     policy: &Policy,
     facts: &Facts<'_>,
@@ -172,12 +193,38 @@ pub fn decide(
         return deny(Reason::InvalidRequest, Some(index), None);
     }
 
+    if !token::is_jws_compact(raw) {
+        let Some(provider) = rule.introspect.and_then(|i| i.opaque) else {
+            return deny(Reason::Malformed, Some(index), None);
+        };
+        let verified = match introspected(state, provider, raw, now, may_wait, trace) {
+            Ok(t) => t,
+            Err(Held::Wait(wait)) => return Verdict::Wait(wait),
+            Err(Held::Deny(reason)) => return deny(reason, Some(index), None),
+        };
+        let held = Presentation { scheme, raw };
+        return revoked_or_authorized(
+            policy, facts, req, rule, index, verified, now, may_wait, held,
+        );
+    }
+
     let (cache, budget, keys) = (&mut state.cache, &mut state.budget, facts.keys);
     let verified = match cache.get(raw) {
         Some(hit) => {
             trace.token_cache_hit = Some(true);
             if let Err(reason) = token::check_times(policy, hit.exp, hit.nbf, hit.iat, now) {
                 return deny(reason, Some(index), None);
+            }
+            // A verification is worth what the keys behind it are: once they
+            // are past max_stale_seconds, a cached token is refused like any other.
+            if keys(hit.provider).is_none() {
+                if may_wait {
+                    return Verdict::Wait(WaitFor::Keys {
+                        provider: hit.provider,
+                        unknown_kid: false,
+                    });
+                }
+                return deny(Reason::KeysUnavailable, Some(index), None);
             }
             hit
         }
@@ -222,10 +269,94 @@ pub fn decide(
         Err(RevocationCheck::Wait) => return Verdict::Wait(WaitFor::Revocations),
         Err(RevocationCheck::Deny(reason)) => return deny(reason, Some(index), Some(verified)),
     }
+    let bound = match possession(policy, facts, req, rule, &verified, scheme, raw, now) {
+        Ok(b) => b,
+        Err(reason) => return deny(reason, Some(index), Some(verified)),
+    };
+    if let Some(introspect) = rule.introspect {
+        // The rule trusts only providers that can be asked (the one it names).
+        let askable = introspect.provider.is_none_or(|p| p == verified.provider)
+            && policy
+                .providers
+                .get(verified.provider)
+                .is_some_and(|p| p.introspection.is_some());
+        if !askable {
+            return deny(Reason::UnknownIssuer, Some(index), Some(verified));
+        }
+        // Only whether it is active: identity and scopes stay the JWT's.
+        match introspected(state, verified.provider, raw, now, may_wait, trace) {
+            Ok(_) => {}
+            Err(Held::Wait(wait)) => return Verdict::Wait(wait),
+            Err(Held::Deny(reason)) => return deny(reason, Some(index), Some(verified)),
+        }
+    }
+    authorized(policy, rule, index, verified, now, bound)
+}
+
+/// The credentials as presented: their scheme and the token.
+struct Presentation<'a> {
+    scheme: Scheme,
+    raw: &'a str,
+}
+
+/// Revocation, forbidden claims and sender binding, then the per-rule
+/// checks, for a token known by its introspection answer.
+#[allow(clippy::too_many_arguments)] // The decision's own inputs, passed on.
+fn revoked_or_authorized(
+    policy: &Policy,
+    facts: &Facts<'_>,
+    req: &Request<'_>,
+    rule: &Rule,
+    index: usize,
+    verified: Rc<VerifiedToken>,
+    now: i64,
+    may_wait: bool,
+    held: Presentation<'_>,
+) -> Verdict {
+    match check_revocation(facts.revocations, rule, &verified, may_wait) {
+        Ok(()) => match possession(
+            policy,
+            facts,
+            req,
+            rule,
+            &verified,
+            held.scheme,
+            held.raw,
+            now,
+        ) {
+            Ok(bound) => authorized(policy, rule, index, verified, now, bound),
+            Err(reason) => Verdict::Deny {
+                reason,
+                rule: Some(index),
+                token: Some(verified),
+            },
+        },
+        Err(RevocationCheck::Wait) => Verdict::Wait(WaitFor::Revocations),
+        Err(RevocationCheck::Deny(reason)) => Verdict::Deny {
+            reason,
+            rule: Some(index),
+            token: Some(verified),
+        },
+    }
+}
+
+/// Forbidden claims, then proof that the client holds what the token is
+/// bound to (or a refusal where the rule wants a bound token).
+#[allow(clippy::too_many_arguments)] // The decision's own inputs, passed on.
+fn possession(
+    policy: &Policy,
+    facts: &Facts<'_>,
+    req: &Request<'_>,
+    rule: &Rule,
+    verified: &VerifiedToken,
+    scheme: Scheme,
+    raw: &str,
+    now: i64,
+) -> Result<Option<Binding>, Reason> {
     if !verified.phi_claims.is_empty()
         && policy.forbidden_claims_action == ForbiddenClaimsAction::Reject
     {
-        return deny(Reason::PhiInToken, Some(index), Some(verified));
+        return Err(Reason::PhiInToken);
     }
     let presented = Presented {
         scheme,
@@ -247,34 +378,67 @@ pub fn decide(
         now,
         first_use: facts.dpop_first_use,
     };
-    let bound = match binding::check(
+    binding::check(
         verified.cnf.as_ref(),
         &presented,
         &proof_rules,
         rule.require_sender_constraint,
-    ) {
-        Ok(b) => b,
-        Err(reason) => return deny(reason, Some(index), Some(verified)),
-    };
+    )
+}
+
+/// The verdict of the per-rule checks on a token that passed the others.
+fn authorized(
+    policy: &Policy,
+    rule: &Rule,
+    index: usize,
+    verified: Rc<VerifiedToken>,
+    now: i64,
+    binding: Option<Binding>,
+) -> Verdict {
     match authorize(policy, rule, &verified, now) {
         Ok(()) => Verdict::Allow {
             rule: index,
             token: Some(verified),
-            binding: bound,
+            binding,
         },
-        Err(reason) => deny(reason, Some(index), Some(verified)),
+        Err(reason) => Verdict::Deny {
+            reason,
+            rule: Some(index),
+            token: Some(verified),
+        },
     }
 }
 
-/// Whether a refusal is answered with a DPoP challenge (RFC 9449 §7.1): the
-/// request used the DPoP scheme, its token is DPoP-bound, or its proof failed.
-pub fn is_dpop(req: &Request<'_>, reason: Reason, token: Option<&VerifiedToken>) -> bool {
-    matches!(reason, Reason::InvalidDpopProof | Reason::DpopReplay)
-        || token.is_some_and(|t| t.cnf.as_ref().is_some_and(|c| c.jkt.is_some()))
-        || matches!(
-            token::extract_credentials(req.authorization),
-            Ok(Some((Scheme::Dpop, _)))
-        )
+/// Why a token has no introspection answer to go on.
+enum Held {
+    Wait(WaitFor),
+    Deny(Reason),
+}
+
+/// The kept introspection answer about `raw` at `provider`: the token as
+/// the answer describes it, a refusal, or none yet (wait for the callout,
+/// or 503 when waiting is over).
+fn introspected(
+    state: &mut State,
+    provider: usize,
+    raw: &str,
+    now: i64,
+    may_wait: bool,
+    trace: &mut Trace,
+) -> Result<Rc<VerifiedToken>, Held> {
+    let key = introspection::key(raw);
+    let kept = state
+        .introspection
+        .get_mut(provider)
+        .and_then(|cache| cache.get(&key, now));
+    trace.introspection_cache_hit = Some(kept.is_some());
+    match kept {
+        Some(Outcome::Active(t)) => Ok(t),
+        Some(Outcome::Inactive) => Err(Held::Deny(Reason::Inactive)),
+        Some(Outcome::Refused(reason)) => Err(Held::Deny(reason)),
+        None if may_wait => Err(Held::Wait(WaitFor::Introspection { provider, key })),
+        None => Err(Held::Deny(Reason::IntrospectionUnavailable)),
+    }
 }
 
 /// Whether the request arrived over TLS recent enough for `rule`: Envoy's
@@ -292,6 +456,17 @@ fn transport_ok(policy: &Policy, rule: &Rule, req: &Request<'_>) -> bool {
         && req
             .forwarded_proto
             .is_some_and(|p| p.eq_ignore_ascii_case("https"))
+}
+
+/// Whether a refusal is answered with a DPoP challenge (RFC 9449 §7.1): the
+/// request used the DPoP scheme, its token is DPoP-bound, or its proof failed.
+pub fn is_dpop(req: &Request<'_>, reason: Reason, token: Option<&VerifiedToken>) -> bool {
+    matches!(reason, Reason::InvalidDpopProof | Reason::DpopReplay)
+        || token.is_some_and(|t| t.cnf.as_ref().is_some_and(|c| c.jkt.is_some()))
+        || matches!(
+            token::extract_credentials(req.authorization),
+            Ok(Some((Scheme::Dpop, _)))
+        )
 }
 
 enum RevocationCheck {
@@ -462,6 +637,7 @@ mod tests {
             &mut State {
                 cache: TokenCache::new(0),
                 budget: VerificationBudget::new(0),
+                introspection: Vec::new(),
             },
             &req,
             now,
@@ -1090,6 +1266,7 @@ mod tests {
         let mut state = State {
             cache: TokenCache::new(100),
             budget: VerificationBudget::new(3),
+            introspection: Vec::new(),
         };
         let keys = |_: usize| Some(&kit.keys);
         let mut ask = |token: &str, source: &str, now: i64| {
@@ -1218,6 +1395,7 @@ mod tests {
         let mut state = State {
             cache: TokenCache::new(10),
             budget: VerificationBudget::new(0),
+            introspection: Vec::new(),
         };
         let gone = {
             let mut c = kit.claims();
@@ -1285,6 +1463,297 @@ mod tests {
         }
     }
 
+    /// An `introspect` rule: a JWT that passed every other check is asked
+    /// about (wait, then the kept answer decides); an opaque token is known
+    /// by the answer alone, and only there.
+    #[test]
+    fn introspect_rules() {
+        let kit = Kit::new();
+        let introspection = json!({"uri": "http://as/introspect", "cluster": "as",
+            "client_id": "phi-guard", "client_secret_env": "AS_SECRET"});
+        let policy = kit.policy_with(|p| {
+            p["providers"][0]["introspection"] = introspection.clone();
+            p["rules"] = json!([
+                {"id": "read", "methods": ["GET"], "path": "/fhir/Patient/{id}", "scopes": ["read:patient-profile"]},
+                {"id": "labs", "methods": ["GET"], "path": "/labs/{id}", "scopes": ["read:patient-profile"], "introspect": true},
+            ]);
+            p["revocation"] = json!({"uri": "http://lists/revoked", "cluster": "lists"});
+        });
+        let list = RevocationList::parse(br#"{"sub": ["user-gone"]}"#).unwrap();
+        let keys = |_: usize| Some(&kit.keys);
+        let mut state = State::new(&policy);
+        let ask = |state: &mut State, token: &str, path: &str, may_wait: bool| {
+            let auth = format!("Bearer {token}");
+            let auth = [auth.as_str()];
+            let req = Request {
+                method: "GET",
+                path,
+                authorization: &auth,
+                source: None,
+                tls_version: Some("TLSv1.3"),
+                forwarded_proto: None,
+                scheme: "https",
+                authority: "fhir.example.org",
+                dpop: &[],
+            };
+            let facts = Facts {
+                keys: &keys,
+                revocations: Revocations::Fresh(&list),
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
+            };
+            let mut trace = Trace::default();
+            let v = decide(&policy, &facts, state, &req, NOW, may_wait, &mut trace);
+            (v, trace.introspection_cache_hit)
+        };
+        let answer = |state: &mut State, token: &str, doc: serde_json::Value| {
+            let parsed = introspection::Introspection::parse(doc.to_string().as_bytes()).unwrap();
+            let outcome = introspection::judge(&parsed, &policy, 0, token, NOW);
+            state.introspection[0].insert(introspection::key(token), outcome, NOW, 30);
+        };
+        let reason_of = |(v, _): &(Verdict, Option<bool>)| reason(v);
+        let (normal, labs) = ("/fhir/Patient/1", "/labs/1");
+
+        // A JWT: verified, then asked about.
+        let jwt = kit.rs256.sign(&kit.claims(), &[]);
+        assert_eq!(
+            reason_of(&ask(&mut state, &jwt, normal, true)),
+            Some(Reason::Ok)
+        );
+        let (v, hit) = ask(&mut state, &jwt, labs, true);
+        assert!(
+            matches!(v, Verdict::Wait(WaitFor::Introspection { provider: 0, key }) if key == introspection::key(&jwt)),
+            "{v:?}"
+        );
+        assert_eq!(hit, Some(false));
+        let (v, hit) = ask(&mut state, &jwt, labs, false);
+        assert_eq!(
+            (reason(&v), hit),
+            (Some(Reason::IntrospectionUnavailable), Some(false))
+        );
+        assert!(
+            matches!(v, Verdict::Deny { token: Some(_), .. }),
+            "the audit names the token"
+        );
+        answer(
+            &mut state,
+            &jwt,
+            json!({"active": true, "sub": "someone-else", "scope": "x"}),
+        );
+        let (v, hit) = ask(&mut state, &jwt, labs, true);
+        assert_eq!(hit, Some(true));
+        let Verdict::Allow { token: Some(t), .. } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(
+            t.sub.as_deref(),
+            Some("user-1"),
+            "a JWT keeps its own identity"
+        );
+        // Inactive, or refused on the answer's claims.
+        let mut c = kit.claims();
+        c["jti"] = "j-inactive".into();
+        let inactive = kit.es256.sign(&c, &[]);
+        answer(&mut state, &inactive, json!({"active": false}));
+        assert_eq!(
+            reason_of(&ask(&mut state, &inactive, labs, true)),
+            Some(Reason::Inactive)
+        );
+        assert_eq!(
+            reason_of(&ask(&mut state, &inactive, normal, true)),
+            Some(Reason::Ok)
+        );
+        c["jti"] = "j-aud".into();
+        let aud = kit.es256.sign(&c, &[]);
+        answer(
+            &mut state,
+            &aud,
+            json!({"active": true, "aud": "https://elsewhere"}),
+        );
+        assert_eq!(
+            reason_of(&ask(&mut state, &aud, labs, true)),
+            Some(Reason::WrongAudience)
+        );
+        // A JWT failing its own checks, or revoked, is never asked about.
+        let mut expired = kit.claims();
+        expired["exp"] = (NOW - 100).into();
+        expired["iat"] = (NOW - 200).into();
+        for (token, want) in [
+            (kit.rs256.sign(&expired, &[]), Reason::Expired),
+            (
+                flip_last_sig_char(&kit.rs256.sign(&kit.claims(), &[])),
+                Reason::InvalidSignature,
+            ),
+            ("a.b.c".to_string(), Reason::Malformed),
+        ] {
+            let (v, hit) = ask(&mut state, &token, labs, true);
+            assert_eq!((reason(&v), hit), (Some(want), None), "{token}");
+        }
+        let mut gone = kit.claims();
+        gone["sub"] = "user-gone".into();
+        let gone = kit.rs256.sign(&gone, &[]);
+        let (v, hit) = ask(&mut state, &gone, labs, true);
+        assert_eq!((reason(&v), hit), (Some(Reason::Revoked), None));
+
+        // An opaque token: malformed except on an introspect rule.
+        let opaque = "2YotnFZFEjr1zCsicMWpAA";
+        assert_eq!(
+            reason_of(&ask(&mut state, opaque, normal, true)),
+            Some(Reason::Malformed)
+        );
+        let (v, _) = ask(&mut state, opaque, labs, true);
+        assert!(
+            matches!(v, Verdict::Wait(WaitFor::Introspection { provider: 0, .. })),
+            "{v:?}"
+        );
+        assert_eq!(
+            reason_of(&ask(&mut state, opaque, labs, false)),
+            Some(Reason::IntrospectionUnavailable)
+        );
+        answer(
+            &mut state,
+            opaque,
+            json!({"active": true, "sub": "nurse-7", "client_id": "ward-app",
+            "scope": "read:patient-profile", "exp": NOW + 300, "iss": ISS, "aud": AUD}),
+        );
+        let (v, _) = ask(&mut state, opaque, labs, true);
+        let Verdict::Allow { token: Some(t), .. } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(
+            (t.sub.as_deref(), t.client_id.as_deref()),
+            (Some("nurse-7"), Some("ward-app"))
+        );
+        assert_eq!(t.fingerprint, token::fingerprint(opaque));
+        for (token, doc, want) in [
+            (
+                "opaque-narrow",
+                json!({"active": true, "scope": "read:other"}),
+                Reason::InsufficientScope,
+            ),
+            (
+                "opaque-inactive",
+                json!({"active": false}),
+                Reason::Inactive,
+            ),
+            (
+                "opaque-gone",
+                json!({"active": true, "sub": "user-gone", "scope": "read:patient-profile"}),
+                Reason::Revoked,
+            ),
+            (
+                "opaque-expired",
+                json!({"active": true, "exp": NOW - 61}),
+                Reason::Expired,
+            ),
+            (
+                "opaque-aud",
+                json!({"active": true, "aud": ["x"]}),
+                Reason::WrongAudience,
+            ),
+            (
+                "opaque.jwe.has.five-parts",
+                json!({"active": true, "scope": "read:patient-profile"}),
+                Reason::Ok,
+            ),
+        ] {
+            answer(&mut state, token, doc);
+            assert_eq!(
+                reason_of(&ask(&mut state, token, labs, true)),
+                Some(want),
+                "{token}"
+            );
+        }
+    }
+
+    /// With two introspecting providers an opaque token needs the rule to
+    /// name one; a rule naming one, or a provider that cannot be asked,
+    /// refuses other providers' JWTs.
+    #[test]
+    fn introspect_rules_and_providers() {
+        let kit = Kit::new();
+        let introspection = json!({"uri": "http://as/introspect", "cluster": "as",
+            "client_id": "phi-guard", "client_secret_env": "AS_SECRET"});
+        let provider = |name: &str, iss: &str, introspects: bool| {
+            let mut p = json!({"name": name, "issuer": iss, "audiences": [AUD],
+                "algorithms": ["RS256", "ES256"], "jwks": {"uri": "http://idp/jwks", "cluster": "idp"}});
+            if introspects {
+                p["introspection"] = introspection.clone();
+            }
+            p
+        };
+        let policy = kit.policy_with(|p| {
+            p["providers"] = json!([
+                provider("idp", ISS, true),
+                provider("other", "https://other.example", true),
+                provider("plain", "https://plain.example", false),
+            ]);
+            p["rules"] = json!([
+                {"id": "any", "path": "/any", "introspect": true},
+                {"id": "named", "path": "/named", "introspect": true, "provider": "other"},
+            ]);
+        });
+        let keys = |_: usize| Some(&kit.keys);
+        let mut state = State::new(&policy);
+        let mut ask = |token: &str, path: &str| {
+            let auth = format!("Bearer {token}");
+            let auth = [auth.as_str()];
+            let req = Request {
+                method: "GET",
+                path,
+                authorization: &auth,
+                source: None,
+                tls_version: Some("TLSv1.3"),
+                forwarded_proto: None,
+                scheme: "https",
+                authority: "fhir.example.org",
+                dpop: &[],
+            };
+            let facts = Facts {
+                keys: &keys,
+                revocations: Revocations::Off,
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
+            };
+            decide(
+                &policy,
+                &facts,
+                &mut state,
+                &req,
+                NOW,
+                true,
+                &mut Trace::default(),
+            )
+        };
+        let opaque = "opaque-token";
+        assert_eq!(reason(&ask(opaque, "/any")), Some(Reason::Malformed));
+        assert!(matches!(
+            ask(opaque, "/named"),
+            Verdict::Wait(WaitFor::Introspection { provider: 1, .. })
+        ));
+        let from = |iss: &str| {
+            let mut c = kit.claims();
+            c["iss"] = iss.into();
+            kit.rs256.sign(&c, &[])
+        };
+        assert!(matches!(
+            ask(&from(ISS), "/any"),
+            Verdict::Wait(WaitFor::Introspection { provider: 0, .. })
+        ));
+        assert!(matches!(
+            ask(&from("https://other.example"), "/any"),
+            Verdict::Wait(WaitFor::Introspection { provider: 1, .. })
+        ));
+        assert_eq!(
+            reason(&ask(&from(ISS), "/named")),
+            Some(Reason::UnknownIssuer)
+        );
+        assert_eq!(
+            reason(&ask(&from("https://plain.example"), "/any")),
+            Some(Reason::UnknownIssuer)
+        );
+    }
+
     #[test]
     fn waiting_and_cache() {
         let kit = Kit::new();
@@ -1305,6 +1774,7 @@ mod tests {
         let mut state = State {
             cache: TokenCache::new(10),
             budget: VerificationBudget::new(0),
+            introspection: Vec::new(),
         };
         let mut trace = Trace::default();
         let no_keys = |_: usize| None;
@@ -1362,12 +1832,52 @@ mod tests {
             Some(Reason::Ok)
         );
         assert_eq!(trace.token_cache_hit, Some(false));
-        // A hit needs no keys, and still ages.
+        // A hit still needs the provider's keys to be usable (README: past
+        // max_stale_seconds requests get 503) ...
+        assert!(matches!(
+            decide(
+                &policy,
+                &Facts {
+                    keys: &no_keys,
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
+                },
+                &mut state,
+                &req,
+                NOW,
+                true,
+                &mut trace
+            ),
+            Verdict::Wait(WaitFor::Keys {
+                provider: 0,
+                unknown_kid: false
+            })
+        ));
+        assert_eq!(trace.token_cache_hit, Some(true));
         assert_eq!(
             reason(&decide(
                 &policy,
                 &Facts {
                     keys: &no_keys,
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
+                },
+                &mut state,
+                &req,
+                NOW,
+                false,
+                &mut trace
+            )),
+            Some(Reason::KeysUnavailable)
+        );
+        // ... is answered from the cache with them, and still ages.
+        assert_eq!(
+            reason(&decide(
+                &policy,
+                &Facts {
+                    keys: &keys,
                     revocations: Revocations::Off,
                     peer_cert: &|| None,
                     dpop_first_use: &|_, _| true,
@@ -1536,6 +2046,7 @@ mod hostile {
             &mut State {
                 cache: TokenCache::new(0),
                 budget: VerificationBudget::new(0),
+                introspection: Vec::new(),
             },
             &req,
             NOW,
@@ -1587,6 +2098,453 @@ mod hostile {
             if let Verdict::Allow { rule, .. } = v {
                 prop_assert_eq!(rule, 0, "only the public rule may allow without a real token");
             }
+        }
+    }
+}
+
+/// Requests made from the policy's own rules and tokens the IdP signed,
+/// checked against a model of README "What a request goes through" (path
+/// safety, rule, token, verification, token age, scopes, step-up). The
+/// generator is made to reach every outcome, allow included, and counts them.
+#[cfg(test)]
+mod modelled {
+    use super::*;
+    use crate::testkit::*;
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use serde_json::json;
+    use std::sync::OnceLock;
+
+    const READ: &str = "read:patient-profile";
+    const BILL: &str = "update:billing";
+    const LAB: &str = "delete:lab-results";
+    const DOCS: &str = "docs:read";
+    const EXPORT: &str = "export:bulk";
+
+    fn rules() -> Vec<serde_json::Value> {
+        vec![
+            json!({"id": "health", "path": "/healthz", "public": true}),
+            json!({"id": "export", "methods": ["GET"], "path": "/fhir/$export", "scopes": [EXPORT],
+                   "step_up": {"acr_values": ["urn:mfa"], "amr_any": ["otp", "hwk"], "max_age_seconds": 300}}),
+            json!({"id": "patient-read", "methods": ["GET"], "path": "/fhir/Patient/{id}", "scopes": [READ]}),
+            json!({"id": "billing", "methods": ["PUT", "PATCH"], "path": "/billing/{account}", "scopes": [BILL]}),
+            json!({"id": "lab-delete", "methods": ["DELETE"], "path": "/labs/{id}", "scopes": [LAB],
+                   "max_token_age_seconds": 300}),
+            json!({"id": "docs", "path": "/docs/{rest=**}", "scopes_any": [DOCS, "docs:admin"]}),
+        ]
+    }
+
+    /// What a signed token says, for the model.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Age {
+        Fresh,
+        Old,
+        NoIat,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum StepUp {
+        None,
+        Done,
+        WrongAcr,
+        WrongAmr,
+        StaleAuth,
+    }
+
+    /// A token as sent, and the one thing wrong with it, if any.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Defect {
+        None,
+        Expired,
+        WrongAudience,
+        Tampered,
+        UnknownKid,
+        AlgNone,
+        Garbage,
+    }
+
+    const SCOPE_SETS: [&[&str]; 7] = [
+        &[],
+        &[READ],
+        &[BILL],
+        &[LAB],
+        &[DOCS],
+        &[EXPORT],
+        &[READ, BILL, LAB, DOCS, EXPORT],
+    ];
+    const AGES: [Age; 3] = [Age::Fresh, Age::Old, Age::NoIat];
+    const STEP_UPS: [StepUp; 5] = [
+        StepUp::None,
+        StepUp::Done,
+        StepUp::WrongAcr,
+        StepUp::WrongAmr,
+        StepUp::StaleAuth,
+    ];
+
+    struct Signed {
+        token: String,
+        scopes: &'static [&'static str],
+        age: Age,
+        step_up: StepUp,
+        defect: Defect,
+    }
+
+    struct Fixture {
+        kit: Kit,
+        policy: Policy,
+        tokens: Vec<Signed>,
+    }
+
+    fn claims(kit: &Kit, scopes: &[&str], age: Age, step_up: StepUp) -> serde_json::Value {
+        let mut c = kit.claims();
+        c["scope"] = scopes.join(" ").into();
+        match age {
+            Age::Fresh => {}
+            Age::Old => {
+                c["iat"] = (NOW - 400).into();
+                c["exp"] = (NOW + 300).into();
+            }
+            Age::NoIat => {
+                c.as_object_mut().unwrap().remove("iat");
+            }
+        }
+        let (acr, amr, auth_time) = match step_up {
+            StepUp::None => return c,
+            StepUp::Done => ("urn:mfa", "otp", NOW - 100),
+            StepUp::WrongAcr => ("urn:pwd", "otp", NOW - 100),
+            StepUp::WrongAmr => ("urn:mfa", "pwd", NOW - 100),
+            StepUp::StaleAuth => ("urn:mfa", "hwk", NOW - 400),
+        };
+        c["acr"] = acr.into();
+        c["amr"] = json!([amr]);
+        c["auth_time"] = auth_time.into();
+        c
+    }
+
+    /// Every combination of scopes, age and step-up, signed by two families;
+    /// then tokens wrong in one way each.
+    fn fixture() -> &'static Fixture {
+        static F: OnceLock<Fixture> = OnceLock::new();
+        F.get_or_init(|| {
+            let kit = Kit::new();
+            let policy = kit.policy(&rules());
+            let mut tokens = Vec::new();
+            for (i, scopes) in SCOPE_SETS.iter().enumerate() {
+                for age in AGES {
+                    for step_up in STEP_UPS {
+                        let signer = if i % 2 == 0 { &kit.eddsa } else { &kit.rs256 };
+                        let token = signer.sign(&claims(&kit, scopes, age, step_up), &[]);
+                        tokens.push(Signed {
+                            token,
+                            scopes,
+                            age,
+                            step_up,
+                            defect: Defect::None,
+                        });
+                    }
+                }
+            }
+            let all = SCOPE_SETS[6];
+            // Several copies each, so that each defect is drawn often enough.
+            let mut bad = |defect, token: String| {
+                for _ in 0..6 {
+                    tokens.push(Signed {
+                        token: token.clone(),
+                        scopes: all,
+                        age: Age::Fresh,
+                        step_up: StepUp::Done,
+                        defect,
+                    });
+                }
+            };
+            let good = claims(&kit, all, Age::Fresh, StepUp::Done);
+            let mut expired = good.clone();
+            expired["iat"] = (NOW - 800).into();
+            expired["exp"] = (NOW - 100).into();
+            bad(Defect::Expired, kit.eddsa.sign(&expired, &[]));
+            let mut other_aud = good.clone();
+            other_aud["aud"] = "https://other.example.org".into();
+            bad(Defect::WrongAudience, kit.rs256.sign(&other_aud, &[]));
+            bad(
+                Defect::Tampered,
+                flip_last_sig_char(&kit.eddsa.sign(&good, &[])),
+            );
+            bad(
+                Defect::UnknownKid,
+                kit.eddsa.sign(&good, &[("kid", "nobody".into())]),
+            );
+            bad(
+                Defect::AlgNone,
+                raw_token(
+                    &json!({"alg": "none", "kid": kit.rs256.kid}),
+                    &good.to_string(),
+                    "",
+                ),
+            );
+            bad(Defect::Garbage, "e30.bm90IGpzb24.c2ln".into());
+            Fixture {
+                kit,
+                policy,
+                tokens,
+            }
+        })
+    }
+
+    /// How a request is made from a rule.
+    #[derive(Debug, Clone)]
+    struct Case {
+        /// Index into `rules()`, or past it for a path no rule has.
+        rule: usize,
+        /// The rule's own method, or one it does not list.
+        wrong_method: bool,
+        segments: Vec<String>,
+        /// Made ambiguous: a `..` encoded, an encoded `/`, an empty segment.
+        unsafe_part: Option<&'static str>,
+        /// An extra segment after the template's last.
+        extra: bool,
+        query: Option<&'static str>,
+        auth: Auth,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Auth {
+        None,
+        Bearer(usize),
+        Two(usize),
+        Basic,
+        WithSpace,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        let n = fixture().tokens.len();
+        let auth = prop_oneof![
+            1 => Just(Auth::None),
+            8 => (0..n).prop_map(Auth::Bearer),
+            1 => (0..n).prop_map(Auth::Two),
+            1 => Just(Auth::Basic),
+            1 => Just(Auth::WithSpace),
+        ];
+        (
+            // The step-up rule three times over: it has the most ways to end.
+            prop::sample::select(vec![0usize, 1, 1, 1, 2, 3, 4, 5, 6]),
+            prop::bool::weighted(0.1),
+            prop::collection::vec("[a-z0-9]{1,6}", 1..4),
+            prop::option::weighted(0.08, prop::sample::select(vec!["%2e%2e", "a%2Fb", ""])),
+            prop::bool::weighted(0.08),
+            prop::option::weighted(0.2, prop::sample::select(vec!["x=1", "access_token=abc"])),
+            auth,
+        )
+            .prop_map(
+                |(rule, wrong_method, segments, unsafe_part, extra, query, auth)| Case {
+                    rule,
+                    wrong_method,
+                    segments,
+                    unsafe_part,
+                    extra,
+                    query,
+                    auth,
+                },
+            )
+    }
+
+    /// The request a case makes: method, path with query, Authorization values.
+    fn request(c: &Case) -> (String, String, Vec<String>) {
+        let seg = |i: usize| c.segments[i % c.segments.len()].clone();
+        let (methods, mut segs): (&[&str], Vec<String>) = match c.rule {
+            0 => (&["GET", "HEAD"], vec!["healthz".into()]),
+            1 => (&["GET"], vec!["fhir".into(), "$export".into()]),
+            2 => (&["GET"], vec!["fhir".into(), "Patient".into(), seg(0)]),
+            3 => (&["PUT", "PATCH"], vec!["billing".into(), seg(0)]),
+            4 => (&["DELETE"], vec!["labs".into(), seg(0)]),
+            5 => (
+                &["GET", "POST"],
+                [vec!["docs".to_string()], c.segments.clone()].concat(),
+            ),
+            _ => (
+                &["GET"],
+                [vec!["nothing".to_string()], c.segments.clone()].concat(),
+            ),
+        };
+        let method = if c.wrong_method {
+            "POST"
+        } else {
+            methods[seg(1).len() % methods.len()]
+        };
+        if c.extra {
+            segs.push(seg(2));
+        }
+        if let Some(part) = c.unsafe_part {
+            // First, so "" is an empty segment ("//x"), not a trailing slash.
+            segs.insert(0, part.into());
+        }
+        let mut path = format!("/{}", segs.join("/"));
+        if let Some(q) = c.query {
+            path = format!("{path}?{q}");
+        }
+        let tokens = &fixture().tokens;
+        let auth = match &c.auth {
+            Auth::None => vec![],
+            Auth::Bearer(i) => vec![format!("Bearer {}", tokens[*i].token)],
+            Auth::Two(i) => vec![format!("Bearer {}", tokens[*i].token); 2],
+            Auth::Basic => vec!["Basic dXNlcjpwdw==".into()],
+            Auth::WithSpace => vec!["Bearer a b".into()],
+        };
+        (method.to_owned(), path, auth)
+    }
+
+    /// The model: which rule (by id), then what the README says of the request.
+    fn expect(c: &Case, method: &str) -> (Reason, Option<&'static str>) {
+        if c.unsafe_part.is_some() {
+            return (Reason::BadPath, None);
+        }
+        // Which rule the path and method land on (first match wins; these never overlap).
+        let rule = match (c.rule, c.extra) {
+            (0, false) => Some("health"),
+            (1, false) if method == "GET" => Some("export"),
+            (2, false) if method == "GET" => Some("patient-read"),
+            (3, false) if ["PUT", "PATCH"].contains(&method) => Some("billing"),
+            (4, false) if method == "DELETE" => Some("lab-delete"),
+            (5, _) => Some("docs"),
+            _ => None,
+        };
+        let Some(rule) = rule else {
+            return (Reason::NoRule, None);
+        };
+        if rule == "health" {
+            return (Reason::Ok, Some(rule));
+        }
+        let token = match &c.auth {
+            Auth::None | Auth::Basic => return (Reason::MissingToken, Some(rule)),
+            Auth::Two(_) | Auth::WithSpace => return (Reason::InvalidRequest, Some(rule)),
+            Auth::Bearer(i) => &fixture().tokens[*i],
+        };
+        if c.query == Some("access_token=abc") {
+            return (Reason::InvalidRequest, Some(rule));
+        }
+        let refused = match token.defect {
+            Defect::None => None,
+            Defect::Expired => Some(Reason::Expired),
+            Defect::WrongAudience => Some(Reason::WrongAudience),
+            Defect::Tampered => Some(Reason::InvalidSignature),
+            Defect::UnknownKid => Some(Reason::UnknownKey),
+            Defect::AlgNone => Some(Reason::AlgNotAllowed),
+            Defect::Garbage => Some(Reason::Malformed),
+        };
+        if let Some(reason) = refused {
+            return (reason, Some(rule));
+        }
+        let has = |s: &str| token.scopes.contains(&s);
+        let outcome = match rule {
+            "lab-delete" if token.age != Age::Fresh => Reason::TokenTooOld,
+            "patient-read" if !has(READ) => Reason::InsufficientScope,
+            "billing" if !has(BILL) => Reason::InsufficientScope,
+            "lab-delete" if !has(LAB) => Reason::InsufficientScope,
+            "docs" if !has(DOCS) => Reason::InsufficientScope,
+            "export" if !has(EXPORT) => Reason::InsufficientScope,
+            "export" => match token.step_up {
+                StepUp::None | StepUp::WrongAcr => Reason::StepUpRequired(StepUpFailure::Acr),
+                StepUp::WrongAmr => Reason::StepUpRequired(StepUpFailure::Amr),
+                StepUp::StaleAuth => Reason::StepUpRequired(StepUpFailure::Age),
+                StepUp::Done => Reason::Ok,
+            },
+            _ => Reason::Ok,
+        };
+        (outcome, Some(rule))
+    }
+
+    /// Runs a case through `decide` and the model; the outcome, for counting.
+    fn check(c: &Case) -> Result<(Reason, Option<&'static str>), TestCaseError> {
+        let f = fixture();
+        let (method, path, auth) = request(c);
+        let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+        let req = Request {
+            method: &method,
+            path: &path,
+            authorization: &auth,
+            source: None,
+            tls_version: Some("TLSv1.3"),
+            forwarded_proto: None,
+            scheme: "https",
+            authority: "fhir.example.org",
+            dpop: &[],
+        };
+        let verdict = decide(
+            &f.policy,
+            &Facts {
+                keys: &|_| Some(&f.kit.keys),
+                revocations: Revocations::Off,
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
+            },
+            &mut State::default(),
+            &req,
+            NOW,
+            false,
+            &mut Trace::default(),
+        );
+        let rule_id =
+            |i: &Option<usize>| i.and_then(|i| f.policy.rules.get(i)).map(|r| r.id.as_str());
+        let got = match &verdict {
+            Verdict::Allow { rule, .. } => (Reason::Ok, rule_id(&Some(*rule))),
+            Verdict::Deny { reason, rule, .. } => (*reason, rule_id(rule)),
+            Verdict::Wait(_) => return Err(TestCaseError::fail("asked to wait when it may not")),
+        };
+        let want = expect(c, &method);
+        prop_assert_eq!(got, (want.0, want.1), "{} {} {:?}", method, path, auth);
+        Ok(want)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn requests_from_the_policy_are_decided_as_the_readme_says(c in case()) {
+            check(&c)?;
+        }
+    }
+
+    #[test]
+    fn generator_reaches_allow_and_every_deny_family() {
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for _ in 0..3000 {
+            let c = case().new_tree(&mut runner).unwrap().current();
+            let (reason, rule) = check(&c).unwrap();
+            let name = match (reason, rule) {
+                (Reason::Ok, Some("health")) => "allow public".to_string(),
+                (Reason::Ok, Some(rule)) => format!("allow {rule}"),
+                (Reason::StepUpRequired(f), _) => format!("step_up_required {}", f.code()),
+                (reason, _) => reason.code().to_string(),
+            };
+            *counts.entry(name).or_default() += 1;
+        }
+        let mut want: Vec<String> = ["patient-read", "billing", "lab-delete", "docs", "export"]
+            .iter()
+            .map(|r| format!("allow {r}"))
+            .collect();
+        want.push("allow public".into());
+        for reason in [
+            Reason::BadPath,
+            Reason::NoRule,
+            Reason::MissingToken,
+            Reason::InvalidRequest,
+            Reason::Malformed,
+            Reason::AlgNotAllowed,
+            Reason::WrongAudience,
+            Reason::Expired,
+            Reason::UnknownKey,
+            Reason::InvalidSignature,
+            Reason::TokenTooOld,
+            Reason::InsufficientScope,
+        ] {
+            want.push(reason.code().into());
+        }
+        for part in ["acr", "amr", "age"] {
+            want.push(format!("step_up_required {part}"));
+        }
+        for name in want {
+            let n = counts.get(&name).copied().unwrap_or(0);
+            assert!(n >= 10, "{name}: reached {n} times in 3000: {counts:?}");
         }
     }
 }

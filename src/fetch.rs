@@ -1,7 +1,8 @@
 //! When a fetched document (a provider's JWKS, the revocation list) is
 //! fetched, and how long it serves: the schedule and freshness of one
-//! document, whatever it holds. Time is passed in as Unix seconds; the host
-//! does the fetching and sharing (`host/fetcher.rs`).
+//! document, whatever it holds. Time is passed in as Unix milliseconds (a
+//! whole-second clock would refresh up to a second early); the host does the
+//! fetching and sharing (`host/fetcher.rs`).
 
 use crate::config::FetchSource;
 
@@ -18,19 +19,23 @@ pub enum Freshness {
     Failed,
 }
 
+fn ms(seconds: u64) -> u64 {
+    seconds.saturating_mul(1000)
+}
+
 /// One document's bookkeeping: when it was fetched, whether a fetch is
 /// running, and when the last on-demand refetch happened. The document
 /// itself lives next to it, in the host; this only decides.
 #[derive(Debug, Clone, Default)]
 pub struct CacheClock {
-    /// When the current document was fetched (`None`: never).
+    /// When the current document was fetched, ms (`None`: never).
     pub fetched_at: Option<u64>,
-    /// When the last fetch was started, and whether it is still running.
+    /// When the last fetch was started (ms), and whether it is still running.
     pub last_attempt: Option<u64>,
     pub in_flight: bool,
     /// The last fetch failed (or brought garbage).
     pub last_failed: bool,
-    /// When the last on-demand refetch (an unknown `kid`) was started.
+    /// When the last on-demand refetch (an unknown `kid`) was started, ms.
     pub last_kid_refetch: Option<u64>,
 }
 
@@ -40,8 +45,8 @@ impl CacheClock {
         match self.fetched_at {
             Some(at) => {
                 let until = at
-                    .saturating_add(src.refresh_seconds)
-                    .saturating_add(src.max_stale_seconds);
+                    .saturating_add(ms(src.refresh_seconds))
+                    .saturating_add(ms(src.max_stale_seconds));
                 if now <= until {
                     Freshness::Usable
                 } else {
@@ -66,10 +71,10 @@ impl CacheClock {
         }
         let retry_ok = self
             .last_attempt
-            .is_none_or(|at| now >= at.saturating_add(src.retry_seconds));
+            .is_none_or(|at| now >= at.saturating_add(ms(src.retry_seconds)));
         match self.fetched_at {
             None => retry_ok,
-            Some(at) => now >= at.saturating_add(src.refresh_seconds) && retry_ok,
+            Some(at) => now >= at.saturating_add(ms(src.refresh_seconds)) && retry_ok,
         }
     }
 
@@ -78,7 +83,7 @@ impl CacheClock {
     /// the endpoint).
     pub fn kid_refetch_allowed(&self, src: &FetchSource, now: u64) -> bool {
         self.last_kid_refetch
-            .is_none_or(|at| now >= at.saturating_add(src.min_refetch_seconds))
+            .is_none_or(|at| now >= at.saturating_add(ms(src.min_refetch_seconds)))
     }
 
     /// A fetch starts at `now`.
@@ -110,7 +115,7 @@ mod tests {
             authority: "idp".into(),
             path: "/jwks".into(),
             cluster: "idp".into(),
-            timeout_ms: 2000,
+            timeout_ms: 2000000,
             refresh_seconds: 300,
             max_stale_seconds: 3600,
             min_refetch_seconds: 30,
@@ -122,32 +127,45 @@ mod tests {
     fn cache_clock() {
         let src = src();
         let mut c = CacheClock::default();
-        assert_eq!(c.freshness(&src, 1000), Freshness::Pending);
-        assert!(c.fetch_due(&src, 1000));
-        c.started(1000, false);
-        assert!(!c.fetch_due(&src, 1001), "one fetch at a time");
+        assert_eq!(c.freshness(&src, 1000000), Freshness::Pending);
+        assert!(c.fetch_due(&src, 1000000));
+        c.started(1000000, false);
+        assert!(!c.fetch_due(&src, 1001000), "one fetch at a time");
         c.finished(None);
         assert!(c.last_failed);
-        assert_eq!(c.freshness(&src, 1000), Freshness::Failed);
-        assert!(!c.fetch_due(&src, 1000), "retry waits retry_seconds");
-        assert!(c.fetch_due(&src, 1001));
-        c.started(1001, false);
-        c.finished(Some(1001));
-        assert_eq!(c.freshness(&src, 1001), Freshness::Usable);
-        assert!(c.usable(&src, 1001));
-        assert!(!c.fetch_due(&src, 1300));
-        assert!(c.fetch_due(&src, 1301));
+        assert_eq!(c.freshness(&src, 1000000), Freshness::Failed);
+        assert!(!c.fetch_due(&src, 1000000), "retry waits retry_seconds");
+        assert!(c.fetch_due(&src, 1001000));
+        c.started(1001000, false);
+        c.finished(Some(1001000));
+        assert_eq!(c.freshness(&src, 1001000), Freshness::Usable);
+        assert!(c.usable(&src, 1001000));
+        assert!(!c.fetch_due(&src, 1300000));
+        assert!(c.fetch_due(&src, 1301000));
         // A failed refresh keeps the document until max_stale, then it is stale.
-        c.started(1301, false);
+        c.started(1301000, false);
         c.finished(None);
-        assert_eq!(c.freshness(&src, 1001 + 300 + 3600), Freshness::Usable);
-        assert_eq!(c.freshness(&src, 1001 + 300 + 3601), Freshness::Stale);
-        assert!(!c.usable(&src, 1001 + 300 + 3601));
+        assert_eq!(c.freshness(&src, 1_001_000 + 3_900_000), Freshness::Usable);
+        assert_eq!(c.freshness(&src, 1_001_000 + 3_900_001), Freshness::Stale);
+        assert!(!c.usable(&src, 1_001_000 + 3_900_001));
         // On-demand refetches are rate limited.
-        assert!(c.kid_refetch_allowed(&src, 2000));
-        c.started(2000, true);
-        c.finished(Some(2000));
-        assert!(!c.kid_refetch_allowed(&src, 2029));
-        assert!(c.kid_refetch_allowed(&src, 2030));
+        assert!(c.kid_refetch_allowed(&src, 2000000));
+        c.started(2000000, true);
+        c.finished(Some(2000000));
+        assert!(!c.kid_refetch_allowed(&src, 2029000));
+        assert!(c.kid_refetch_allowed(&src, 2030000));
+    }
+
+    /// A document fetched late in a second is refreshed a whole interval
+    /// later, not at the next whole second.
+    #[test]
+    fn refresh_counts_milliseconds() {
+        let src = src();
+        let mut c = CacheClock::default();
+        c.started(1_000_950, false);
+        c.finished(Some(1_000_950));
+        assert!(!c.fetch_due(&src, 1_300_000));
+        assert!(!c.fetch_due(&src, 1_300_949));
+        assert!(c.fetch_due(&src, 1_300_950));
     }
 }

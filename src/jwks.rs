@@ -478,18 +478,373 @@ mod hostile {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2048))]
 
+        /// Whatever survives is a key an allowed algorithm can use, bound (if
+        /// at all) to an allowed algorithm of its own kind.
         #[test]
         fn hostile_key_sets_are_answered(keys in prop::collection::vec(jwk(), 0..4)) {
             let allowed = [Alg::Rs256, Alg::Es256, Alg::EdDsa];
             let doc = json!({"keys": keys}).to_string();
             if let Ok(set) = KeySet::parse(doc.as_bytes(), &allowed) {
-                prop_assert!(!set.is_empty());
+                for k in &set.keys {
+                    prop_assert!(allowed.iter().any(|a| a.key_kind() == k.key.kind()), "{:?}", k);
+                    if let Some(alg) = k.alg {
+                        prop_assert!(allowed.contains(&alg) && alg.key_kind() == k.key.kind(), "{:?}", k);
+                    }
+                }
             }
         }
 
         #[test]
         fn bytes_of_any_kind_are_answered(doc in prop::collection::vec(any::<u8>(), 0..400)) {
             let _ = KeySet::parse(&doc, &Alg::ALL);
+        }
+    }
+}
+
+/// Valid key sets changed structurally (a field dropped, retyped or set to
+/// another value, a key duplicated, key material broken, a private part
+/// added), checked against a model of what `KeySet::parse` promises: the
+/// document is refused as a whole for a broken or private key, skipped keys
+/// are those for encryption, of unknown types or bound to algorithms not
+/// allowed, and every other key is kept with its `kid` and binding.
+#[cfg(test)]
+mod structural {
+    use super::*;
+    use crate::testkit::Signer;
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use serde_json::{json, Value};
+    use std::sync::OnceLock;
+
+    /// JOSE names and the key family each needs, written out here (not `Alg`'s table).
+    const NAMES: [(&str, &str); 9] = [
+        ("RS256", "RSA"),
+        ("RS384", "RSA"),
+        ("RS512", "RSA"),
+        ("PS256", "RSA"),
+        ("PS384", "RSA"),
+        ("PS512", "RSA"),
+        ("ES256", "P-256"),
+        ("ES384", "P-384"),
+        ("EdDSA", "Ed25519"),
+    ];
+
+    fn family_of(alg: &str) -> Option<&'static str> {
+        NAMES.iter().find(|(n, _)| *n == alg).map(|(_, f)| *f)
+    }
+
+    /// A real public key as a JWK, its family, and whether it is too weak to take.
+    struct Base {
+        jwk: Value,
+        family: &'static str,
+        weak: bool,
+    }
+
+    fn pool() -> &'static [Base] {
+        static POOL: OnceLock<Vec<Base>> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let unbound = |mut j: Value| {
+                j.as_object_mut().unwrap().remove("alg");
+                j
+            };
+            let weak = {
+                use ::rsa::traits::PublicKeyParts;
+                use rand::SeedableRng;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+                let k = ::rsa::RsaPrivateKey::new(&mut rng, 1024).unwrap();
+                json!({"kty": "RSA", "kid": "weak", "n": URL_SAFE_NO_PAD.encode(k.n().to_bytes_be()),
+                       "e": URL_SAFE_NO_PAD.encode(k.e().to_bytes_be())})
+            };
+            let base = |jwk, family| Base { jwk, family, weak: false };
+            vec![
+                base(Signer::rsa("RS256", "rs", 0).jwk(), "RSA"),
+                base(unbound(Signer::rsa("PS256", "rs-free", 1).jwk()), "RSA"),
+                Base { jwk: weak, family: "RSA", weak: true },
+                base(Signer::es256("es", 1).jwk(), "P-256"),
+                base(Signer::es384("es384", 2).jwk(), "P-384"),
+                base(Signer::ed25519("ed", 3).jwk(), "Ed25519"),
+                base(unbound(Signer::ed25519("ed-free", 4).jwk()), "Ed25519"),
+            ]
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        None,
+        Drop(&'static str),
+        /// Any JSON that is not a string (null is "absent", see `Drop`).
+        Retype(&'static str, Value),
+        Set(&'static str, &'static str),
+        /// Key material shortened by three bytes.
+        Truncate(&'static str),
+        NotBase64(&'static str),
+        /// `=` padding, which publishers add and RFC 7518 leaves out: same bytes.
+        Padded(&'static str),
+        Private(Value),
+        Extra,
+    }
+
+    const FIELDS: [&str; 9] = ["kty", "kid", "alg", "use", "crv", "n", "e", "x", "y"];
+    const MATERIAL: [&str; 4] = ["n", "e", "x", "y"];
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        let field = prop::sample::select(FIELDS.to_vec());
+        let material = prop::sample::select(MATERIAL.to_vec());
+        let alg = prop::sample::select(vec![
+            "RS256", "RS512", "PS256", "ES256", "ES384", "EdDSA", "HS256", "none", "RSA-OAEP", "",
+        ]);
+        prop_oneof![
+            6 => Just(Mutation::None),
+            1 => field.clone().prop_map(Mutation::Drop),
+            1 => (field, prop_oneof![Just(json!(7)), Just(json!(["RS256"])), Just(json!({})), Just(json!(true))])
+                .prop_map(|(f, v)| Mutation::Retype(f, v)),
+            2 => alg.prop_map(|a| Mutation::Set("alg", a)),
+            1 => prop::sample::select(vec!["sig", "enc", "", "SIG"]).prop_map(|u| Mutation::Set("use", u)),
+            // Types and curves phi-guard does not know (not another known family:
+            // whether foreign key bytes happen to be a point is not the question here).
+            1 => prop::sample::select(vec!["oct", "rsa", "", "RSA\u{0}"]).prop_map(|k| Mutation::Set("kty", k)),
+            1 => prop::sample::select(vec!["P-521", "X25519", "secp256k1", ""]).prop_map(|c| Mutation::Set("crv", c)),
+            1 => prop::sample::select(vec!["n", "x", "y"]).prop_map(Mutation::Truncate),
+            1 => material.clone().prop_map(Mutation::NotBase64),
+            1 => material.prop_map(Mutation::Padded),
+            1 => prop_oneof![Just(json!("AAAA")), Just(json!({"p": 1})), Just(json!(null))].prop_map(Mutation::Private),
+            1 => Just(Mutation::Extra),
+        ]
+    }
+
+    /// What the parser must do with one key.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Expect {
+        /// A member that is neither a string nor null: the document is not a key set.
+        NotAKeySet,
+        Refuse,
+        Skip,
+        /// Kept: kid, bound algorithm, family.
+        Keep(Option<String>, Option<String>, &'static str),
+    }
+
+    fn apply(base: &Base, m: &Mutation) -> (Value, bool) {
+        let mut jwk = base.jwk.clone();
+        let obj = jwk.as_object_mut().unwrap();
+        let mut material_ok = !base.weak;
+        match m {
+            Mutation::None => {}
+            Mutation::Drop(f) => {
+                obj.remove(*f);
+            }
+            Mutation::Retype(f, v) => {
+                obj.insert((*f).into(), v.clone());
+            }
+            Mutation::Set(f, v) => {
+                obj.insert((*f).into(), json!(v));
+            }
+            Mutation::Truncate(f) | Mutation::NotBase64(f) => {
+                if let Some(Value::String(text)) = obj.get_mut(*f) {
+                    if matches!(m, Mutation::Truncate(_)) {
+                        text.truncate(text.len() - 4);
+                    } else {
+                        text.insert(0, '!');
+                    }
+                    material_ok = false;
+                }
+            }
+            Mutation::Padded(f) => {
+                if let Some(Value::String(text)) = obj.get_mut(*f) {
+                    let pad = (4 - text.len() % 4) % 4;
+                    text.push_str(&"=".repeat(pad.max(1)));
+                }
+            }
+            Mutation::Private(v) => {
+                obj.insert("d".into(), v.clone());
+            }
+            Mutation::Extra => {
+                obj.insert("x5t#S256".into(), json!("c29tZQ"));
+            }
+        }
+        (jwk, material_ok)
+    }
+
+    /// The model, in the order the promise reads: private part, purpose,
+    /// binding, type, material, binding against the key, usability.
+    fn expect(jwk: &Value, base: &Base, material_ok: bool, allowed: &[&str]) -> Expect {
+        let text = |f: &str| jwk.get(f).and_then(Value::as_str);
+        if FIELDS
+            .iter()
+            .any(|f| jwk.get(*f).is_some_and(|v| !v.is_string() && !v.is_null()))
+        {
+            return Expect::NotAKeySet;
+        }
+        if jwk.get("d").is_some_and(|d| !d.is_null()) {
+            return Expect::Refuse;
+        }
+        if text("use").is_some_and(|u| u != "sig") {
+            return Expect::Skip;
+        }
+        let bound = match text("alg") {
+            None => None,
+            Some(a) if allowed.contains(&a) => Some(a),
+            Some(_) => return Expect::Skip,
+        };
+        let family = match (text("kty"), text("crv")) {
+            (None, _) => return Expect::Refuse,
+            (Some("RSA"), _) => "RSA",
+            (Some("EC"), Some("P-256")) => "P-256",
+            (Some("EC"), Some("P-384")) => "P-384",
+            (Some("OKP"), Some("Ed25519")) => "Ed25519",
+            _ => return Expect::Skip,
+        };
+        assert_eq!(family, base.family, "mutations keep to the base's family");
+        let needed: &[&str] = match family {
+            "RSA" => &["n", "e"],
+            "Ed25519" => &["x"],
+            _ => &["x", "y"],
+        };
+        if !material_ok || needed.iter().any(|f| text(f).is_none()) {
+            return Expect::Refuse;
+        }
+        if bound.is_some_and(|a| family_of(a) != Some(family)) {
+            return Expect::Refuse;
+        }
+        if !allowed.iter().any(|a| family_of(a) == Some(family)) {
+            return Expect::Skip;
+        }
+        Expect::Keep(
+            text("kid").map(str::to_owned),
+            bound.map(str::to_owned),
+            family,
+        )
+    }
+
+    fn family_of_key(k: &PublicKey) -> &'static str {
+        match k.kind() {
+            KeyKind::Rsa => "RSA",
+            KeyKind::P256 => "P-256",
+            KeyKind::P384 => "P-384",
+            KeyKind::Ed25519 => "Ed25519",
+        }
+    }
+
+    /// Which way a document went, for counting what the generator reaches.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    enum Outcome {
+        Accepted,
+        AcceptedWithSkips,
+        NotAKeySet,
+        BadKey,
+        NoUsableKeys,
+    }
+
+    type Case = (Vec<(usize, Mutation)>, Vec<&'static str>);
+
+    fn case() -> impl Strategy<Value = Case> {
+        let allowed =
+            prop::sample::subsequence(NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>(), 1..=9);
+        (
+            prop::collection::vec((0..pool().len(), mutation()), 1..6),
+            allowed,
+        )
+    }
+
+    /// Parses the case's document and checks it against the model.
+    fn check(keys: &[(usize, Mutation)], allowed: &[&str]) -> Result<Outcome, TestCaseError> {
+        let pool = pool();
+        let mut jwks = Vec::new();
+        let mut want = Vec::new();
+        for (i, m) in keys {
+            let base = &pool[*i];
+            let (jwk, material_ok) = apply(base, m);
+            want.push(expect(&jwk, base, material_ok, allowed));
+            jwks.push(jwk);
+        }
+        let doc = json!({"keys": jwks}).to_string();
+        let algs: Vec<Alg> = allowed.iter().map(|a| Alg::from_name(a).unwrap()).collect();
+        let got = KeySet::parse(doc.as_bytes(), &algs);
+        if want.contains(&Expect::NotAKeySet) {
+            prop_assert!(
+                matches!(got, Err(JwksError::NotJson(_))),
+                "{:?} for {}",
+                got,
+                doc
+            );
+            return Ok(Outcome::NotAKeySet);
+        }
+        if let Some(index) = want.iter().position(|w| *w == Expect::Refuse) {
+            prop_assert!(
+                matches!(&got, Err(JwksError::BadKey { index: i, .. }) if *i == index),
+                "want key #{} refused, got {:?} for {}",
+                index,
+                got,
+                doc
+            );
+            return Ok(Outcome::BadKey);
+        }
+        let kept: Vec<(Option<String>, Option<String>, &str)> = want
+            .iter()
+            .filter_map(|w| match w {
+                Expect::Keep(kid, alg, family) => Some((kid.clone(), alg.clone(), *family)),
+                _ => None,
+            })
+            .collect();
+        if kept.is_empty() {
+            prop_assert_eq!(got.err(), Some(JwksError::NoUsableKeys), "{}", doc);
+            return Ok(Outcome::NoUsableKeys);
+        }
+        let set = match got {
+            Ok(set) => set,
+            Err(e) => {
+                return Err(TestCaseError::fail(format!(
+                    "refused ({e}) but want {kept:?} from {doc}"
+                )))
+            }
+        };
+        let have: Vec<(Option<String>, Option<String>, &str)> = set
+            .keys
+            .iter()
+            .map(|k| {
+                (
+                    k.kid.clone(),
+                    k.alg.map(|a| a.name().to_owned()),
+                    family_of_key(&k.key),
+                )
+            })
+            .collect();
+        prop_assert_eq!(&have, &kept, "{}", doc);
+        Ok(if kept.len() < want.len() {
+            Outcome::AcceptedWithSkips
+        } else {
+            Outcome::Accepted
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn changed_key_sets_give_what_the_model_says((keys, allowed) in case()) {
+            check(&keys, &allowed)?;
+        }
+    }
+
+    #[test]
+    fn generator_reaches_every_outcome() {
+        // The property above says little unless the documents it is fed are
+        // accepted, partly skipped, and refused in each way.
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..1000 {
+            let (keys, allowed) = case().new_tree(&mut runner).unwrap().current();
+            let outcome = check(&keys, &allowed).unwrap();
+            *counts.entry(outcome).or_insert(0) += 1;
+        }
+        for outcome in [
+            Outcome::Accepted,
+            Outcome::AcceptedWithSkips,
+            Outcome::NotAKeySet,
+            Outcome::BadKey,
+            Outcome::NoUsableKeys,
+        ] {
+            let n = counts.get(&outcome).copied().unwrap_or(0);
+            assert!(n >= 50, "{outcome:?} reached {n} times of 1000: {counts:?}");
         }
     }
 }

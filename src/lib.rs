@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod decision;
 pub mod fetch;
+pub mod introspection;
 pub mod jwks;
 pub mod pairs;
 pub mod revocation;

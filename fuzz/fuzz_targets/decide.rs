@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
     let mut state = State {
         cache: TokenCache::new(4),
         budget: VerificationBudget::new(0),
+        introspection: Vec::new(),
     };
 
     let first = decide(
@@ -146,5 +147,6 @@ fn summary(v: &Verdict) -> (u8, Option<Reason>, Option<usize>) {
             unknown_kid,
         }) => (2 + u8::from(*unknown_kid), None, Some(*provider)),
         Verdict::Wait(WaitFor::Revocations) => (4, None, None),
+        Verdict::Wait(WaitFor::Introspection { provider, .. }) => (5, None, Some(*provider)),
     }
 }

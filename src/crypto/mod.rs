@@ -199,3 +199,109 @@ pub fn verify_signature(alg: Alg, key: &PublicKey, signed: &[u8], signature: &[u
         _ => false,
     }
 }
+
+/// Project Wycheproof's ECDSA (P-256/SHA-256, P-384/SHA-384, raw r||s as JWS
+/// has it) and Ed25519 vectors, read from the folder beside the repository
+/// (as the RSA ones are in `rsa.rs`). Each public key goes through a JWKS
+/// document, as the IdP's would: `valid` must verify, `invalid` must not.
+#[cfg(test)]
+mod wycheproof {
+    use super::*;
+    use crate::jwks::KeySet;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use serde_json::{json, Value};
+    use std::path::PathBuf;
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// The group's public key as a JWK, from the raw key bytes (some groups carry no JWK).
+    fn jwk(alg: Alg, key: &Value) -> Value {
+        match alg {
+            Alg::EdDsa => json!({"kty": "OKP", "crv": "Ed25519", "kid": "w",
+                "x": b64(&unhex(key["pk"].as_str().unwrap()))}),
+            _ => {
+                let point = unhex(key["uncompressed"].as_str().unwrap());
+                assert_eq!(point[0], 4, "uncompressed point");
+                let (x, y) = point[1..].split_at((point.len() - 1) / 2);
+                let crv = if alg == Alg::Es256 { "P-256" } else { "P-384" };
+                json!({"kty": "EC", "crv": crv, "kid": "w", "x": b64(x), "y": b64(y)})
+            }
+        }
+    }
+
+    fn run(file: &str, alg: Alg) -> (usize, usize) {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/vectors/wycheproof")
+            .join(file);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        let (mut valid, mut invalid) = (0, 0);
+        for group in doc["testGroups"].as_array().unwrap() {
+            let jwks = json!({"keys": [jwk(alg, &group["publicKey"])]}).to_string();
+            let set = KeySet::parse(jwks.as_bytes(), &[alg])
+                .unwrap_or_else(|e| panic!("{file}: key refused: {e}"));
+            let keys = set.select(Some("w"), alg).unwrap();
+            let [key] = keys.as_slice() else {
+                panic!("{file}: one key")
+            };
+            for case in group["tests"].as_array().unwrap() {
+                let msg = unhex(case["msg"].as_str().unwrap());
+                let sig = unhex(case["sig"].as_str().unwrap());
+                let ours = verify_signature(alg, &key.key, &msg, &sig);
+                let id = case["tcId"].as_u64().unwrap();
+                let comment = case["comment"].as_str().unwrap_or("");
+                match case["result"].as_str().unwrap() {
+                    "valid" => {
+                        assert!(ours, "{file} #{id} ({comment}) must verify");
+                        valid += 1;
+                    }
+                    "invalid" => {
+                        assert!(!ours, "{file} #{id} ({comment}) must be refused");
+                        invalid += 1;
+                    }
+                    other => panic!("{file} #{id}: result {other}"),
+                }
+            }
+        }
+        println!("{file}: {valid} valid, {invalid} invalid");
+        (valid, invalid)
+    }
+
+    #[test]
+    fn ecdsa_p256_sha256() {
+        let (valid, invalid) = run("ecdsa_secp256r1_sha256_p1363_test.json", Alg::Es256);
+        assert!(
+            valid > 100 && invalid > 50,
+            "{valid} valid, {invalid} invalid"
+        );
+    }
+
+    #[test]
+    fn ecdsa_p384_sha384() {
+        let (valid, invalid) = run("ecdsa_secp384r1_sha384_p1363_test.json", Alg::Es384);
+        assert!(
+            valid > 100 && invalid > 50,
+            "{valid} valid, {invalid} invalid"
+        );
+    }
+
+    #[test]
+    fn ed25519() {
+        let (valid, invalid) = run("ed25519_test.json", Alg::EdDsa);
+        assert!(
+            valid > 50 && invalid > 50,
+            "{valid} valid, {invalid} invalid"
+        );
+    }
+}

@@ -336,12 +336,14 @@ pub fn record_metric(id: u32, value: u64) -> HostResult<()> {
 /// created: `InternalFailure`); the ABI layer adds `InvalidMemoryAccess`
 /// only for pointers outside the VM's memory, which slices cannot be.
 /// Callout responses, failed ones included, are read through this module.
+/// `body` is sent as the request body (a POST's form, say); `None` sends none.
 pub fn dispatch_http_call(
     cluster: &str,
     headers: Vec<(&str, &str)>,
+    body: Option<&[u8]>,
     timeout: Duration,
 ) -> HostResult<u32> {
-    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout)
+    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, body, vec![], timeout)
         .map_err(|s| HostError(s as u32))
 }
 

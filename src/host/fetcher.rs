@@ -3,11 +3,11 @@
 //! worker's business; this fetches, shares, refreshes and lets it go stale.
 //!
 //! One VM fetches (a lease under `phi_guard.lease.<doc>` in shared data,
-//! `<held until, ms> <attempt started, s>`, which also spaces retries
+//! `<held until> <attempt started>` in ms, which also spaces retries
 //! across VMs),
 //! checks the body through the worker, and publishes it under
 //! `phi_guard.doc.<doc>` as `<version>\n<body>`, then the version alone
-//! under `phi_guard.ver.<doc>`; a version is `<fetched_at>:<sha-256 prefix>`. Every VM
+//! under `phi_guard.ver.<doc>`; a version is `<fetched_at ms>:<sha-256 prefix>`. Every VM
 //! reads the version on its timer, and the document only when its content
 //! changed: a large list is copied and parsed once per change, not once per
 //! tick or per refresh.
@@ -92,10 +92,6 @@ pub struct Fetcher {
     last_sync_ms: u64,
 }
 
-fn secs(ms: u64) -> u64 {
-    ms / 1000
-}
-
 fn shared(kind: &str, doc: &str) -> String {
     format!("phi_guard.{kind}.{doc}")
 }
@@ -161,7 +157,7 @@ impl Fetcher {
     /// on-demand rate limit), so the request is decided now. A fetch the
     /// root then cannot start decides its waiters on that tick.
     pub fn want(&mut self, doc: usize, src: &FetchSource, on_demand: bool, now_ms: u64) -> bool {
-        let now = secs(now_ms);
+        let now = now_ms;
         let Some(d) = self.docs.get_mut(doc) else {
             return false;
         };
@@ -178,10 +174,16 @@ impl Fetcher {
         // Asked for from a request's context: the root dispatches it (see
         // `root_context_id`) on a tick brought forward to now.
         d.wanted = Some(d.wanted == Some(true) || on_demand);
+        self.kick();
+        true
+    }
+
+    /// Brings the root's next tick forward to now, where the callouts
+    /// requests asked for are dispatched (documents and introspection alike).
+    pub fn kick(&mut self) {
         if !self.kicked {
             self.kicked = abi::set_tick_period(KICK).is_ok();
         }
-        true
     }
 
     /// Starts a fetch if this VM wins the lease; `true` if a fetch is running
@@ -199,7 +201,7 @@ impl Fetcher {
         if held_until > now_ms && !d.clock.in_flight {
             // Another VM is fetching; its result arrives through shared data.
             if on_demand {
-                d.clock.last_kid_refetch = Some(secs(now_ms));
+                d.clock.last_kid_refetch = Some(now_ms);
             }
             if let Some(at) = attempted {
                 d.clock.last_attempt = Some(at);
@@ -209,13 +211,25 @@ impl Fetcher {
         if let Some(at) = attempted {
             if !on_demand
                 && !d.clock.in_flight
-                && secs(now_ms) < at.saturating_add(src.retry_seconds)
+                && now_ms < at.saturating_add(src.retry_seconds.saturating_mul(1000))
             {
                 d.clock.last_attempt = Some(at);
                 return true;
             }
         }
-        let until = format!("{} {}", now_ms.saturating_add(lease_ms), secs(now_ms));
+        // A peer published a newer copy since this VM last looked (it writes
+        // the version before it gives the lease up): the next sync takes it.
+        if !on_demand {
+            let newer = abi::shared_data(&shared("ver", &d.name))
+                .ok()
+                .and_then(|(v, _)| v)
+                .and_then(|v| parse_version(&v).map(|(at, _)| at))
+                .is_some_and(|at| d.clock.fetched_at.is_none_or(|mine| at > mine));
+            if newer {
+                return true;
+            }
+        }
+        let until = format!("{} {}", now_ms.saturating_add(lease_ms), now_ms);
         if abi::set_shared_data(&lease_key, until.as_bytes(), cas).is_err() {
             // Lost the race for the lease: someone else fetches.
             return true;
@@ -229,8 +243,8 @@ impl Fetcher {
         let timeout = Duration::from_millis(src.timeout_ms);
         // Only root callbacks get here (see `root_context_id`); made sure of anyway.
         let _ = abi::set_effective_context(self.root_context_id);
-        d.clock.started(secs(now_ms), on_demand);
-        match abi::dispatch_http_call(&src.cluster, headers, timeout) {
+        d.clock.started(now_ms, on_demand);
+        match abi::dispatch_http_call(&src.cluster, headers, None, timeout) {
             Ok(token) => {
                 d.in_flight_until_ms = now_ms.saturating_add(lease_ms);
                 self.callouts.push((token, doc));
@@ -264,7 +278,7 @@ impl Fetcher {
                 doc,
                 hash: content_hash(&body),
                 body,
-                fetched_at: secs(now_ms),
+                fetched_at: now_ms,
                 from_peer: false,
             }),
             Err(why) => {
@@ -378,7 +392,7 @@ impl Fetcher {
         now_ms: u64,
         src: &dyn Fn(usize) -> Option<&'p FetchSource>,
     ) -> Vec<usize> {
-        let now = secs(now_ms);
+        let now = now_ms;
         let mut ready = Vec::new();
         for i in 0..self.docs.len() {
             let wanted = self.docs.get_mut(i).and_then(|d| d.wanted.take());
@@ -410,8 +424,9 @@ impl Fetcher {
 /// bytes; otherwise why not, for the log. Every read returns an error rather
 /// than panicking: a callout that failed (reset, body over Envoy's buffer
 /// limit, timeout) has no response headers, and the host says so with a
-/// status the SDK's readers abort the VM on.
-fn read_callout(body_size: usize, max: usize) -> Result<Vec<u8>, String> {
+/// status the SDK's readers abort the VM on. Introspection reads its
+/// answers with it too.
+pub(super) fn read_callout(body_size: usize, max: usize) -> Result<Vec<u8>, String> {
     let status = match abi::header(MapType::HttpCallResponseHeaders, ":status") {
         Ok(Some(status)) => status,
         Ok(None) | Err(_) => {

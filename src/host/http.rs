@@ -16,13 +16,13 @@ use crate::token::{self, VerifiedToken};
 
 use super::abi;
 use super::metrics;
-use super::worker::{now_ms, Waiter, Worker};
+use super::worker::{now_ms, Awaited, Waiter, Worker};
 
 /// Filter-state name the access log reads as `%FILTER_STATE(wasm.phi_guard.audit:PLAIN)%`.
 const AUDIT_PROPERTY: &str = "phi_guard.audit";
 
 /// What a request needs while it is decided, possibly across waits for
-/// documents (keys, the first revocation list).
+/// documents (keys, the first revocation list) and an introspection answer.
 #[derive(Default)]
 pub struct Pending {
     /// The client sent a header named like one of the identity headers.
@@ -38,8 +38,10 @@ pub struct Pending {
     paused: bool,
     /// Paused for keys at least once (counted as a key-cache miss then).
     waited: bool,
-    /// The documents this request waited for; each is waited for once.
-    waited_on: Vec<usize>,
+    /// Paused for an introspection answer (counted as a miss then).
+    waited_for_answer: bool,
+    /// What this request waited for; each is waited for once.
+    waited_on: Vec<Awaited>,
 }
 
 pub struct Filter {
@@ -59,7 +61,7 @@ impl Filter {
     }
 }
 
-// JWKS callouts are dispatched and answered in the root context only.
+// Callouts (documents, introspection) are dispatched and answered in the root context only.
 impl Context for Filter {}
 
 impl HttpContext for Filter {
@@ -115,8 +117,9 @@ impl HttpContext for Filter {
 }
 
 impl Filter {
-    /// A request still waiting for keys when its stream ends (the client
-    /// went away) is audited too: denied, nothing forwarded.
+    /// A request still waiting (for keys, a list, an introspection answer)
+    /// when its stream ends (the client went away) is audited too: denied,
+    /// nothing forwarded.
     fn record_abandoned(&mut self) {
         let (Some(worker), mut p) = (&self.worker, self.pending.borrow_mut()) else {
             return;
@@ -162,9 +165,10 @@ fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> (Verdict, Trace
     w.decide(&req, now, may_wait)
 }
 
-/// Decides the request, or parks it on a document a fetch may bring (each
-/// document at most once per request; its deadline is that document's
-/// `timeout_ms`). `Continue` when allowed; `Pause` when parked or answered.
+/// Decides the request, or parks it on a document a fetch may bring or on an
+/// introspection answer (each at most once per request; its deadline is
+/// that callout's `timeout_ms`). `Continue` when allowed; `Pause` when
+/// parked or answered.
 fn decide_or_park(
     w: &mut Worker,
     p: &mut Pending,
@@ -175,22 +179,33 @@ fn decide_or_park(
     let (mut verdict, mut trace) = run(w, p, now, true);
     if let Verdict::Wait(wait) = verdict {
         // Another VM may have published it already.
-        if w.doc_of(wait).is_some_and(|doc| w.sync_peer(doc)) {
-            (verdict, trace) = run(w, p, now, true);
+        if let Some(Awaited::Doc(doc)) = w.awaited(wait) {
+            if w.sync_peer(doc) {
+                (verdict, trace) = run(w, p, now, true);
+            }
         }
     }
     if let Verdict::Wait(wait) = verdict {
-        if let Some(doc) = w.doc_of(wait).filter(|d| !p.waited_on.contains(d)) {
-            if matches!(wait, WaitFor::Keys { .. }) && !p.waited {
-                metrics::bump(w.metrics.key_cache_miss);
-                p.waited = true;
+        if let Some(on) = w.awaited(wait).filter(|a| !p.waited_on.contains(a)) {
+            match wait {
+                WaitFor::Keys { .. } if !p.waited => {
+                    metrics::bump(w.metrics.key_cache_miss);
+                    p.waited = true;
+                }
+                WaitFor::Introspection { .. } if !p.waited_for_answer => {
+                    metrics::bump(w.metrics.introspection_cache_miss);
+                    p.waited_for_answer = true;
+                }
+                _ => {}
             }
-            if w.want(wait, now) {
-                p.waited_on.push(doc);
-                let deadline = now.saturating_add(w.timeout_ms(doc)).saturating_add(100);
+            let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
+            let bearer = token::extract_bearer(&auth).ok().flatten();
+            if w.want(wait, bearer, now) {
+                p.waited_on.push(on);
+                let deadline = now.saturating_add(w.timeout_ms(on)).saturating_add(100);
                 w.waiters.push(Waiter {
                     context_id,
-                    doc,
+                    on,
                     deadline_ms: deadline,
                     pending: Rc::downgrade(pending),
                 });
@@ -201,7 +216,7 @@ fn decide_or_park(
         (verdict, trace) = run(w, p, now, false);
     }
     p.paused = false;
-    w.count_caches(trace, &verdict, p.waited);
+    w.count_caches(trace, &verdict, p.waited, p.waited_for_answer);
     apply(w, p, verdict, now)
 }
 
@@ -235,6 +250,9 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
         // Only reached if the core asked to wait when told it may not.
         Verdict::Wait(WaitFor::Keys { .. }) => (Reason::KeysUnavailable, None, None),
         Verdict::Wait(WaitFor::Revocations) => (Reason::RevocationUnavailable, None, None),
+        Verdict::Wait(WaitFor::Introspection { .. }) => {
+            (Reason::IntrospectionUnavailable, None, None)
+        }
     };
     w.metrics.decision(reason);
     let rule_ref = rule.and_then(|i| policy.rules.get(i));

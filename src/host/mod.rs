@@ -1,10 +1,12 @@
 //! The only module that names `proxy_wasm`: Envoy's contexts, calling the pure
-//! core. Root: configuration, timer, JWKS callouts, shared data. Http: read the
-//! request, ask the core, answer or continue, write the audit record.
+//! core. Root: configuration, timer, callouts (fetched documents,
+//! introspection), shared data. Http: read the request, ask the core, answer
+//! or continue, write the audit record.
 
 mod abi;
 mod fetcher;
 mod http;
+mod introspect;
 mod metrics;
 mod root;
 mod worker;

@@ -1,6 +1,7 @@
 //! The root context: loads the policy (refusing a bad one, so the plugin does
 //! not start), drives the timer (fetches, waiting requests, audit
-//! checkpoints) and receives the callouts' responses.
+//! checkpoints) and receives callouts (fetched documents, introspection
+//! answers).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -11,10 +12,11 @@ use proxy_wasm::types::{BufferType, ContextType};
 
 use crate::audit::AuditChain;
 use crate::config::Policy;
+use crate::introspection;
 
 use super::abi;
 use super::http::{self, Filter};
-use super::worker::{now_ms, Waiter, Worker};
+use super::worker::{now_ms, Awaited, Waiter, Worker};
 
 /// How often the timer runs: waiting requests are decided within this of their deadline.
 const TICK: Duration = Duration::from_millis(100);
@@ -32,16 +34,23 @@ impl Root {
         }
     }
 
-    /// Decides again, each in its own context, the requests waiting for
-    /// `docs` (a document arrived or its fetch ended) and the `expired` ones.
-    /// The root is the one owner of waiting requests: it parks and wakes them.
-    fn wake(&self, worker: &Rc<RefCell<Worker>>, docs: &[usize], expired: Vec<Waiter>) {
-        let now = now_ms();
+    /// Decides again at `now`, each in its own context, the requests
+    /// waiting for `ready` (a document or an introspection answer arrived,
+    /// or its callout ended) and the `expired` ones. The root is the one
+    /// owner of waiting requests: it parks and wakes them. `now` is the time
+    /// the answer was taken at, so the requests find it kept.
+    fn wake(
+        &self,
+        worker: &Rc<RefCell<Worker>>,
+        ready: &[Awaited],
+        expired: Vec<Waiter>,
+        now: u64,
+    ) {
         let mut waiters = expired;
         {
             let mut w = worker.borrow_mut();
-            for doc in docs {
-                waiters.extend(w.take_waiters(*doc));
+            for on in ready {
+                waiters.extend(w.take_waiters(*on));
             }
         }
         if waiters.is_empty() {
@@ -92,6 +101,34 @@ fn audit_key(policy: &Policy) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
+/// Each provider's introspection `Authorization: Basic` value, made from
+/// the client secret in the VM's environment (never in the policy, never
+/// logged). A named but unset or empty variable refuses the plugin start,
+/// as `audit.hmac_key_env` does: without a secret every introspect rule
+/// would answer 503.
+fn introspection_credentials(policy: &Policy) -> Result<Vec<Option<String>>, String> {
+    policy
+        .providers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let Some(endpoint) = &p.introspection else {
+                return Ok(None);
+            };
+            match std::env::var(&endpoint.client_secret_env) {
+                Ok(secret) if !secret.is_empty() => Ok(Some(introspection::basic_authorization(
+                    &endpoint.client_id,
+                    &secret,
+                ))),
+                _ => Err(format!(
+                    "invalid configuration at `providers[{i}].introspection.client_secret_env`: environment variable {} is not set for the VM (pass it with vm_config.environment_variables)",
+                    endpoint.client_secret_env
+                )),
+            }
+        })
+        .collect()
+}
+
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
@@ -103,11 +140,10 @@ impl Context for Root {
         let Some(worker) = self.worker.clone() else {
             return;
         };
-        let done = worker
-            .borrow_mut()
-            .on_callout(token_id, body_size, now_ms());
-        if let Some(doc) = done {
-            self.wake(&worker, &[doc], Vec::new());
+        let now = now_ms();
+        let done = worker.borrow_mut().on_callout(token_id, body_size, now);
+        if let Some(on) = done {
+            self.wake(&worker, &[on], Vec::new(), now);
         }
     }
 
@@ -148,8 +184,20 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let credentials = match introspection_credentials(&policy) {
+            Ok(credentials) => credentials,
+            Err(e) => {
+                log::error!("{e}");
+                return false;
+            }
+        };
         let chain = AuditChain::new(vm_id(), key);
-        let worker = Rc::new(RefCell::new(Worker::new(policy, chain, self.context_id)));
+        let worker = Rc::new(RefCell::new(Worker::new(
+            policy,
+            chain,
+            credentials,
+            self.context_id,
+        )));
         // The first fetch happens on the first tick: during on_configure the
         // main thread's cluster manager may not be ready to take a callout.
         self.worker = Some(worker);
@@ -163,7 +211,7 @@ impl RootContext for Root {
         };
         let now = now_ms();
         let (ready, expired) = worker.borrow_mut().tick(now);
-        self.wake(&worker, &ready, expired);
+        self.wake(&worker, &ready, expired, now);
         let mut w = worker.borrow_mut();
         w.checkpoint(now, false);
         if w.fetcher.kicked {

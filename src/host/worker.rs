@@ -1,9 +1,10 @@
 //! Per-VM state (one VM per Envoy worker, plus the main thread's): the
 //! policy, what the fetched documents hold (each provider's keys, the
 //! revocation list), what the core remembers between requests (token cache,
-//! verification budget), the requests waiting on a fetch, stats, the audit
-//! chain and its checkpoints. Fetching and sharing the documents is
-//! `fetcher`'s.
+//! verification budget, introspection answers), the requests waiting on a
+//! fetch or an answer, stats, the audit chain and its checkpoints. Fetching
+//! and sharing the documents is `fetcher`'s; asking about tokens is
+//! `introspect`'s.
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
@@ -13,19 +14,29 @@ use crate::audit::{AuditChain, CheckpointSchedule};
 use crate::config::{FetchSource, Policy};
 use crate::decision::{self, Facts, Request, Revocations, State, Trace, Verdict, WaitFor};
 use crate::fetch::Freshness;
+use crate::introspection::{self, Introspection, TokenKey};
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::revocation::{RevocationList, MAX_REVOCATION_BYTES};
 
 use super::abi;
 use super::fetcher::{Arrival, Fetcher, Response};
 use super::http::Pending;
+use super::introspect::{Answered, Introspector};
 use super::metrics::{self, Metrics};
 
-/// A paused request waiting for a document.
+/// What a paused request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaited {
+    /// A fetched document (see [`Worker::awaited`]).
+    Doc(usize),
+    /// A provider's introspection answer about the token with SHA-256 `key`.
+    Introspection { provider: usize, key: TokenKey },
+}
+
+/// A paused request waiting for a document or an introspection answer.
 pub struct Waiter {
     pub context_id: u32,
-    /// The document (see [`Worker::doc_of`]).
-    pub doc: usize,
+    pub on: Awaited,
     pub deadline_ms: u64,
     pub pending: Weak<RefCell<Pending>>,
 }
@@ -36,6 +47,7 @@ pub struct Worker {
     /// Documents: each provider's JWKS (by provider index), then the
     /// revocation list if the policy has one.
     pub fetcher: Fetcher,
+    pub introspector: Introspector,
     keys: Vec<Option<Rc<KeySet>>>,
     revocations: Option<Rc<RevocationList>>,
     /// The list's freshness when last looked at, to log changes once.
@@ -60,7 +72,14 @@ fn secs(ms: u64) -> u64 {
 }
 
 impl Worker {
-    pub fn new(policy: Rc<Policy>, chain: AuditChain, root_context_id: u32) -> Worker {
+    /// `credentials`: each provider's introspection `Authorization` value,
+    /// if it introspects (made at start from the secret in the environment).
+    pub fn new(
+        policy: Rc<Policy>,
+        chain: AuditChain,
+        credentials: Vec<Option<String>>,
+        root_context_id: u32,
+    ) -> Worker {
         let mut docs: Vec<(String, usize)> = policy
             .providers
             .iter()
@@ -71,6 +90,7 @@ impl Worker {
         }
         Worker {
             fetcher: Fetcher::new(docs, root_context_id),
+            introspector: Introspector::new(credentials, root_context_id),
             keys: policy.providers.iter().map(|_| None).collect(),
             revocations: None,
             revocation_freshness: None,
@@ -101,17 +121,28 @@ impl Worker {
         }
     }
 
-    /// The document a waiting request waits for.
-    pub fn doc_of(&self, wait: WaitFor) -> Option<usize> {
+    /// What a request told to wait for `wait` waits for.
+    pub fn awaited(&self, wait: WaitFor) -> Option<Awaited> {
         match wait {
-            WaitFor::Keys { provider, .. } => Some(provider),
-            WaitFor::Revocations => self.revocation_doc(),
+            WaitFor::Keys { provider, .. } => Some(Awaited::Doc(provider)),
+            WaitFor::Revocations => self.revocation_doc().map(Awaited::Doc),
+            WaitFor::Introspection { provider, key } => {
+                Some(Awaited::Introspection { provider, key })
+            }
         }
     }
 
-    /// How long a request waits for `doc`, at most.
-    pub fn timeout_ms(&self, doc: usize) -> u64 {
-        Self::source(&self.policy, doc).map_or(0, |s| s.timeout_ms)
+    /// How long a request waits for `on`, at most.
+    pub fn timeout_ms(&self, on: Awaited) -> u64 {
+        match on {
+            Awaited::Doc(doc) => Self::source(&self.policy, doc).map_or(0, |s| s.timeout_ms),
+            Awaited::Introspection { provider, .. } => self
+                .policy
+                .providers
+                .get(provider)
+                .and_then(|p| p.introspection.as_ref())
+                .map_or(0, |i| i.timeout_ms),
+        }
     }
 
     /// Decides a request with the documents this VM holds.
@@ -125,7 +156,7 @@ impl Worker {
             let src = Self::source(&policy, doc);
             docs.get(doc)
                 .zip(src)
-                .is_some_and(|(d, s)| d.clock.usable(s, now))
+                .is_some_and(|(d, s)| d.clock.usable(s, now_ms))
         };
         let key_set = |i: usize| -> Option<&KeySet> {
             if usable(i) {
@@ -140,7 +171,7 @@ impl Worker {
                 let freshness = docs
                     .get(doc)
                     .zip(Self::source(&policy, doc))
-                    .map_or(Freshness::Failed, |(d, s)| d.clock.freshness(s, now));
+                    .map_or(Freshness::Failed, |(d, s)| d.clock.freshness(s, now_ms));
                 match (freshness, list) {
                     (Freshness::Usable, Some(list)) => Revocations::Fresh(list),
                     (_, Some(list)) => Revocations::Stale(list),
@@ -170,8 +201,22 @@ impl Worker {
     }
 
     /// Counts a request's final decision in the cache stats, once: a request
-    /// that waited for keys is decided more than once.
-    pub fn count_caches(&self, trace: Trace, verdict: &Verdict, waited: bool) {
+    /// that waited for keys or an introspection answer is decided more than
+    /// once (and counted as a miss when it started waiting).
+    pub fn count_caches(
+        &self,
+        trace: Trace,
+        verdict: &Verdict,
+        waited: bool,
+        waited_for_answer: bool,
+    ) {
+        match trace.introspection_cache_hit {
+            Some(true) if !waited_for_answer => metrics::bump(self.metrics.introspection_cache_hit),
+            Some(false) if !waited_for_answer => {
+                metrics::bump(self.metrics.introspection_cache_miss)
+            }
+            _ => {}
+        }
         match trace.token_cache_hit {
             Some(true) => metrics::bump(self.metrics.token_cache_hit),
             Some(false) => {
@@ -197,10 +242,20 @@ impl Worker {
         }
     }
 
-    /// Makes sure what `wait` needs is on its way; `false` when no fetch may
-    /// be had (the unknown-kid rate limit), so the request is decided now.
-    pub fn want(&mut self, wait: WaitFor, now_ms: u64) -> bool {
-        let Some(doc) = self.doc_of(wait) else {
+    /// Makes sure what `wait` needs is on its way; `false` when it cannot
+    /// be had (the unknown-kid rate limit, too many queries), so the request
+    /// is decided now. `bearer` is the request's token, which an
+    /// introspection query sends.
+    pub fn want(&mut self, wait: WaitFor, bearer: Option<&str>, now_ms: u64) -> bool {
+        if let WaitFor::Introspection { provider, key } = wait {
+            let asked = bearer.is_some_and(|token| self.introspector.want(provider, key, token));
+            if asked {
+                // Dispatched by the root (see `Introspector`), on a tick brought forward.
+                self.fetcher.kick();
+            }
+            return asked;
+        }
+        let Some(Awaited::Doc(doc)) = self.awaited(wait) else {
             return false;
         };
         let Some(src) = Self::source(&self.policy, doc) else {
@@ -281,9 +336,68 @@ impl Worker {
         metrics::bump(if ok { good } else { bad });
     }
 
-    /// A callout answered: take the document. Returns the document whose
-    /// waiters can now be decided.
-    pub fn on_callout(&mut self, token: u32, body_size: usize, now_ms: u64) -> Option<usize> {
+    /// Judges and keeps an introspection answer (nothing is kept for a
+    /// failed query), counts and logs it; returns what its waiters waited for.
+    fn settle(&mut self, a: Answered, now_ms: u64) -> Awaited {
+        let on = Awaited::Introspection {
+            provider: a.provider,
+            key: a.key,
+        };
+        let policy = Rc::clone(&self.policy);
+        let Some(provider) = policy.providers.get(a.provider) else {
+            return on;
+        };
+        let answer = a
+            .body
+            .and_then(|body| Introspection::parse(&body).map_err(|e| e.to_string()));
+        let failing = self.introspector.failing.get_mut(a.provider);
+        match answer {
+            Ok(answer) => {
+                metrics::bump(match answer {
+                    Introspection::Active(_) => self.metrics.introspection_active,
+                    Introspection::Inactive => self.metrics.introspection_inactive,
+                });
+                if let Some(failing) = failing.filter(|f| **f) {
+                    *failing = false;
+                    log::info!("provider {}: introspection answers again", provider.name);
+                }
+                let now = i64::try_from(secs(now_ms)).unwrap_or(i64::MAX);
+                let outcome = introspection::judge(&answer, &policy, a.provider, &a.token, now);
+                let cache_seconds = provider
+                    .introspection
+                    .as_ref()
+                    .map_or(0, |i| i.cache_seconds);
+                if let Some(cache) = self.state.introspection.get_mut(a.provider) {
+                    cache.insert(a.key, outcome, now, cache_seconds);
+                }
+            }
+            Err(why) => {
+                metrics::bump(self.metrics.introspection_failed);
+                // Logged when it starts failing, not once per request.
+                if let Some(failing) = failing.filter(|f| !**f) {
+                    *failing = true;
+                    log::error!(
+                        "provider {}: introspection failed, introspect rules answer 503 until it answers again: {why}",
+                        provider.name
+                    );
+                }
+            }
+        }
+        on
+    }
+
+    /// A callout answered: an introspection answer, or a document to take.
+    /// Returns what the requests that can now be decided waited for.
+    pub fn on_callout(&mut self, token: u32, body_size: usize, now_ms: u64) -> Option<Awaited> {
+        if let Some(answered) = self.introspector.on_response(token, body_size) {
+            return Some(self.settle(answered, now_ms));
+        }
+        let doc = self.on_document(token, body_size, now_ms)?;
+        Some(Awaited::Doc(doc))
+    }
+
+    /// A document's callout answered: take it. Returns the document.
+    fn on_document(&mut self, token: u32, body_size: usize, now_ms: u64) -> Option<usize> {
         match self.fetcher.on_response(token, body_size, now_ms) {
             Response::Unknown => None,
             Response::Failed { doc, why } => {
@@ -312,21 +426,30 @@ impl Worker {
         }
     }
 
-    /// The timer: fetches, peers' copies, lost callouts, gauges. Returns the
-    /// documents whose waiters should be decided again, and the waiters
-    /// whose deadline passed.
-    pub fn tick(&mut self, now_ms: u64) -> (Vec<usize>, Vec<Waiter>) {
+    /// The timer: fetches, introspection queries, peers' copies, lost
+    /// callouts, gauges. Returns what the requests that should be decided
+    /// again waited for, and the waiters whose deadline passed.
+    pub fn tick(&mut self, now_ms: u64) -> (Vec<Awaited>, Vec<Waiter>) {
         let policy = Rc::clone(&self.policy);
         let src = |doc: usize| Self::source(&policy, doc);
-        let mut ready = Vec::new();
+        let mut ready: Vec<Awaited> = Vec::new();
+        for answered in self.introspector.tick(&policy, now_ms) {
+            let on = self.settle(answered, now_ms);
+            ready.push(on);
+        }
         if self.fetcher.sync_due(now_ms, !self.waiters.is_empty()) {
             for doc in 0..self.fetcher.docs.len() {
                 if self.sync_peer(doc) {
-                    ready.push(doc);
+                    ready.push(Awaited::Doc(doc));
                 }
             }
         }
-        ready.extend(self.fetcher.tick(now_ms, &src));
+        ready.extend(
+            self.fetcher
+                .tick(now_ms, &src)
+                .into_iter()
+                .map(Awaited::Doc),
+        );
         self.gauges(now_ms);
         let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
@@ -336,7 +459,6 @@ impl Worker {
     }
 
     fn gauges(&mut self, now_ms: u64) {
-        let now = secs(now_ms);
         let providers = self.policy.providers.len();
         let key_age = self
             .fetcher
@@ -344,7 +466,7 @@ impl Worker {
             .iter()
             .take(providers)
             .filter_map(|d| d.clock.fetched_at)
-            .map(|at| now.saturating_sub(at))
+            .map(|at| secs(now_ms.saturating_sub(at)))
             .max()
             .unwrap_or(0);
         metrics::set(self.metrics.key_age_seconds, key_age);
@@ -352,13 +474,13 @@ impl Worker {
             let d = self.fetcher.docs.get(doc);
             let age = d
                 .and_then(|d| d.clock.fetched_at)
-                .map_or(0, |at| now.saturating_sub(at));
+                .map_or(0, |at| secs(now_ms.saturating_sub(at)));
             metrics::set(self.metrics.revocation_age_seconds, age);
             let entries = self.revocations.as_ref().map_or(0, |l| l.len());
             metrics::set(self.metrics.revocation_entries, entries as u64);
             let freshness = d
                 .zip(Self::source(&self.policy, doc))
-                .map(|(d, s)| d.clock.freshness(s, now));
+                .map(|(d, s)| d.clock.freshness(s, now_ms));
             if self.served && freshness != self.revocation_freshness {
                 match freshness {
                     Some(Freshness::Usable) if self.revocation_freshness.is_some() => {
@@ -403,11 +525,11 @@ impl Worker {
         }
     }
 
-    /// Takes the waiters of `doc` out of the list.
-    pub fn take_waiters(&mut self, doc: usize) -> Vec<Waiter> {
+    /// Takes the waiters of `on` out of the list.
+    pub fn take_waiters(&mut self, on: Awaited) -> Vec<Waiter> {
         let (mine, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
-            .partition(|w| w.doc == doc);
+            .partition(|w| w.on == on);
         self.waiters = rest;
         mine
     }

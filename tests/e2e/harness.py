@@ -21,8 +21,9 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -310,11 +311,9 @@ class _JwksHandler(_QuietHandler):
         self._answer(status, body, "application/json")
 
 
-class JwksServer(_Server):
-    """Serves a JWKS document; the test changes it, its status, or takes it down.
-
-    `down()` stops listening (connection refused); `set_status(503)` keeps
-    listening but fails; `hits` counts requests that reached it.
+class _HoldingServer(_Server):
+    """A _Server that `down()` takes down (connection refused) and `up()`
+    brings back on the same port.
 
     While down, the port stays bound by a socket that does not listen. A freed
     port could be taken before `up()`: Envoy retrying the refused endpoint may
@@ -323,31 +322,9 @@ class JwksServer(_Server):
     Linux never hands out an explicitly bound port as an ephemeral one.
     """
 
-    def __init__(self, *keys: KeyPair, port: int = 0):
+    def __init__(self, handler_cls, port: int = 0):
         self._placeholder: socket.socket | None = None
-        self.hits = 0
-        self.paths: list[str] = []
-        self.status = 200
-        self.delay_seconds = 0.0
-        self.body = b""
-        super().__init__(_JwksHandler, port)
-        self.set_keys(*keys)
-
-    def set_keys(self, *keys: KeyPair) -> None:
-        self.set_document(jwks(*keys))
-
-    def set_document(self, doc) -> None:
-        """A dict/list is served as JSON; str/bytes as they are (for garbage)."""
-        if isinstance(doc, (dict, list)):
-            doc = json.dumps(doc)
-        if isinstance(doc, str):
-            doc = doc.encode()
-        with self.lock:
-            self.body = doc
-
-    def set_status(self, status: int) -> None:
-        with self.lock:
-            self.status = status
+        super().__init__(handler_cls, port)
 
     def down(self) -> None:
         if not self.running:
@@ -371,6 +348,200 @@ class JwksServer(_Server):
             hold.close()
 
 
+class JwksServer(_HoldingServer):
+    """Serves a JWKS document; the test changes it, its status, or takes it down.
+
+    `down()` stops listening (connection refused; see _HoldingServer);
+    `set_status(503)` keeps listening but fails; `hits` counts requests that
+    reached it.
+    """
+
+    def __init__(self, *keys: KeyPair, port: int = 0):
+        self.hits = 0
+        self.paths: list[str] = []
+        self.status = 200
+        self.delay_seconds = 0.0
+        self.body = b""
+        super().__init__(_HoldingJwksHandler, port)
+        self.set_keys(*keys)
+
+    def set_keys(self, *keys: KeyPair) -> None:
+        self.set_document(jwks(*keys))
+
+    def set_document(self, doc) -> None:
+        """A dict/list is served as JSON; str/bytes as they are (for garbage)."""
+        if isinstance(doc, (dict, list)):
+            doc = json.dumps(doc)
+        if isinstance(doc, str):
+            doc = doc.encode()
+        with self.lock:
+            self.body = doc
+
+    def set_status(self, status: int) -> None:
+        with self.lock:
+            self.status = status
+
+    # -- holding answers: a fetch stays "in flight" until the test says ------
+
+    def hold(self) -> None:
+        """Requests that arrive from now on wait, unanswered, until `release()`."""
+        gate = self._gate()
+        with gate:
+            self._gate_closed = True
+
+    def release(self) -> None:
+        """Lets every held request through, answered with what is set by then."""
+        gate = self._gate()
+        with gate:
+            self._gate_closed = False
+            gate.notify_all()
+
+    def wait_held(self, count: int = 1, timeout: float = 30) -> bool:
+        """Waits until `count` requests are held; False if they did not come."""
+        gate = self._gate()
+        with gate:
+            return gate.wait_for(lambda: self._gate_waiting >= count, timeout=timeout)
+
+    @property
+    def held(self) -> int:
+        """How many requests are held right now."""
+        gate = self._gate()
+        with gate:
+            return self._gate_waiting
+
+    def arrivals(self) -> list[float]:
+        """`time.monotonic()` of every request's arrival (held or not), in order."""
+        gate = self._gate()
+        with gate:
+            return list(self._arrivals)
+
+    def _gate(self) -> threading.Condition:
+        # Made on first use: __init__ stays as it was.
+        with self.lock:
+            if getattr(self, "_gate_cond", None) is None:
+                self._gate_cond = threading.Condition()
+                self._gate_closed = False
+                self._gate_waiting = 0
+                self._arrivals: list[float] = []
+            return self._gate_cond
+
+    def _arrived(self) -> None:
+        """A request came in: note when, and wait here while held."""
+        gate = self._gate()
+        with gate:
+            self._arrivals.append(time.monotonic())
+            if not self._gate_closed:
+                return
+            self._gate_waiting += 1
+            gate.notify_all()
+            # Bounded: an answer a failed test left held still goes out.
+            gate.wait_for(lambda: not self._gate_closed, timeout=120)
+            self._gate_waiting -= 1
+
+
+@dataclass
+class SeenIntrospection:
+    """One request as the introspection server received it."""
+
+    method: str
+    path: str
+    content_type: str | None
+    content_length: str | None
+    authorization: str | None
+    body: bytes
+    form: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def token(self) -> str | None:
+        values = self.form.get("token", [])
+        return values[0] if len(values) == 1 else None
+
+    @property
+    def basic_raw(self) -> tuple[str, str] | None:
+        """The Basic user and password as sent (still form-urlencoded)."""
+        scheme, _, value = (self.authorization or "").partition(" ")
+        if scheme != "Basic":
+            return None
+        user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+        return (user, password) if sep else None
+
+    @property
+    def client(self) -> tuple[str, str] | None:
+        """Client id and secret, decoded as RFC 6749 §2.3.1 says the server does."""
+        raw = self.basic_raw
+        return None if raw is None else tuple(urllib.parse.unquote_plus(p) for p in raw)
+
+
+class _IntrospectionHandler(_QuietHandler):
+    def _introspect(self):
+        owner: IntrospectionServer = self.server.owner
+        body = self._read_body()
+        seen = SeenIntrospection(
+            method=self.command,
+            path=self.path,
+            content_type=self.headers.get("Content-Type"),
+            content_length=self.headers.get("Content-Length"),
+            authorization=self.headers.get("Authorization"),
+            body=body,
+            form=urllib.parse.parse_qs(body.decode("latin-1"), keep_blank_values=True),
+        )
+        with owner.lock:
+            owner.requests.append(seen)
+            status, delay, raw = owner.status, owner.delay_seconds, owner.raw
+            answer = owner.answers.get(seen.token, {"active": False})
+        if delay:
+            time.sleep(delay)
+        if raw is None:
+            raw = json.dumps(answer).encode()
+        try:
+            self._answer(status, raw, "application/json")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # Envoy gave up waiting (timeout_ms): what a slow-server test wants
+
+    do_GET = do_POST = _introspect
+
+
+class IntrospectionServer(_HoldingServer):
+    """An RFC 7662 introspection endpoint the test controls.
+
+    `answer(token, {...})` sets what it says about a token (unknown tokens
+    are `{"active": false}`); `status`, `delay_seconds` and `raw` (bytes
+    served whatever the token) break it; `down()`/`up()` as JwksServer.
+    `requests` records each request: method, path, content type, form
+    fields and Basic credentials.
+    """
+
+    def __init__(self, port: int = 0):
+        self.requests: list[SeenIntrospection] = []
+        self.answers: dict[str, dict] = {}
+        self.status = 200
+        self.delay_seconds = 0.0
+        self.raw: bytes | None = None
+        super().__init__(_IntrospectionHandler, port)
+
+    def answer(self, token: str, answer: dict) -> None:
+        with self.lock:
+            self.answers[token] = answer
+
+    def asked_about(self, token: str) -> int:
+        """How many requests asked about `token`."""
+        with self.lock:
+            return sum(r.token == token for r in self.requests)
+
+    @property
+    def count(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+
+class _HoldingJwksHandler(_JwksHandler):
+    """Notes the arrival and waits while the server is held (JwksServer.hold), then answers as usual."""
+
+    def do_GET(self):
+        self.server.owner._arrived()
+        super().do_GET()
+
+
 class MisbehavingJwks:
     """A JWKS endpoint on a raw socket, for the ways an IdP can fail mid-answer.
 
@@ -380,7 +551,10 @@ class MisbehavingJwks:
     page), "redirect" (302 to `/moved`, which would serve the keys), "drip"
     (the keys one byte a second). `down()`/`up()` refuse connections and take
     them again, keeping the port bound as JwksServer does. `hits` counts
-    requests per path.
+    requests per path. It answers any method, reading a request's body
+    (an introspection POST's form) before it answers, so a connection is
+    never reset early by a body left unread; `set_document` changes what
+    "ok" serves (a JWKS, a revocation list, an introspection answer).
     """
 
     MODES = ("huge", "empty", "truncated", "reset", "html", "redirect", "drip")
@@ -402,6 +576,15 @@ class MisbehavingJwks:
     def hits_on(self, path: str) -> int:
         with self.lock:
             return self.hits.get(path, 0)
+
+    def set_document(self, doc) -> None:
+        """A dict/list is served as JSON; str/bytes as they are."""
+        if isinstance(doc, (dict, list)):
+            doc = json.dumps(doc)
+        if isinstance(doc, str):
+            doc = doc.encode()
+        with self.lock:
+            self.document = doc
 
     def down(self) -> None:
         """Refuse connections: a bound socket that does not listen answers SYN with RST."""
@@ -464,6 +647,14 @@ class MisbehavingJwks:
                 if not chunk:
                     return
                 request += chunk
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+            want = int(length.group(1)) if length else 0
+            while len(body) < want:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                body += chunk
             path = request.split(b" ", 2)[1].decode("latin-1")
             with self.lock:
                 self.hits[path] = self.hits.get(path, 0) + 1
@@ -484,7 +675,8 @@ class MisbehavingJwks:
         ).encode()
 
     def _answer(self, conn: socket.socket, mode: str) -> None:
-        doc = self.document
+        with self.lock:
+            doc = self.document
         if mode == "ok":
             conn.sendall(self._head("200 OK", "application/json", len(doc)) + doc)
         elif mode == "huge":
@@ -638,7 +830,10 @@ class Envoy:
     clusters point at the test's upstream and JWKS servers, the access log goes
     to the work dir. `policy` replaces the filter's JSON (a dict, or a str
     taken verbatim so tests can send broken JSON); `with_wasm=False` drops the
-    filter to check the harness itself.
+    filter to check the harness itself. `clusters` adds loopback clusters by
+    name and port; `host_env_keys` names environment variables of Envoy's
+    own environment passed to the VM (`vm_config.environment_variables`),
+    such as a client secret.
     """
 
     def __init__(
@@ -652,6 +847,7 @@ class Envoy:
         log_level: str = "warn",
         clusters: dict[str, int] | None = None,
         concurrency: int = 1,
+        host_env_keys: list[str] | None = None,
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -665,6 +861,8 @@ class Envoy:
         self.port = 0
         self.admin_port = 0
         self.config = self._rewrite(upstream_port, jwks_port, policy, with_wasm, wasm)
+        if host_env_keys:
+            _wasm_filter(self.config)["vm_config"]["environment_variables"] = {"host_env_keys": list(host_env_keys)}
         for name, port in (clusters or {}).items():
             self.add_cluster(name, port)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
@@ -908,3 +1106,25 @@ def audits(envoy, count: int) -> list[dict | None]:
         raw = r.get("audit")
         out.append(None if raw in (None, "", "-") else json.loads(raw))
     return out
+
+
+def phi_guard_stats(envoy) -> dict[str, int]:
+    """The filter's metrics from admin /stats without the `wasmcustom.phi_guard.`
+    prefix: {"allowed": n, "denied.expired": n, "jwks_key_age_seconds": n, ...}."""
+    text = envoy.admin("/stats?filter=%5Ewasmcustom%5C.phi_guard%5C.").text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith("wasmcustom.phi_guard.") and value.strip().lstrip("-").isdigit():
+            out[name[len("wasmcustom.phi_guard.") :]] = int(value)
+    return out
+
+
+def readme_reason_codes() -> list[str]:
+    """The reason codes the README lists under "Audit record" (the contract
+    dashboards key on), in the README's order."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("Reason codes:")
+    paragraph = text[start : text.index("\n\n", start)]
+    # A code is a backticked lower_snake word; parentheses explain, they list none.
+    return re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)", "", paragraph))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from harness import (
     eventually,
     http_request,
     mint,
+    readme_reason_codes,
     shipped_policy,
     tamper,
 )
@@ -153,6 +155,37 @@ def secret_parts(token: str, width: int = 16) -> list[str]:
     for segment in token.split(".")[1:]:
         parts.update(segment[i : i + width] for i in range(0, max(len(segment) - width + 1, 1)))
     return [p for p in parts if len(p) >= width or p == token]
+
+
+# The tail of a record as the filter writes it: `chain` last, 64 hex digits.
+_CHAIN_TAIL = re.compile(r'"chain":"([0-9a-f]{64})"\}\Z')
+
+
+def recompute_chains(lines: list[str], key: bytes | None = None) -> dict[str, int]:
+    """Checks every record's `chain` from the README's formula alone, with
+    Python's own SHA-256 and HMAC (not `audit verify`, not the crate): per VM
+    (`vm`), starting from 32 zero bytes, chain = SHA-256(previous chain ||
+    this record's bytes with `chain` empty), HMAC-SHA256 under `key` when the
+    log is keyed; `seq` counts 1, 2, 3 ... per VM. Returns records per VM."""
+    prev: dict[str, bytes] = {}
+    seqs: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        raw = json.loads(line).get("audit")
+        if raw in (None, "", "-"):
+            continue
+        record = json.loads(raw)
+        tail = _CHAIN_TAIL.search(raw)
+        assert tail, f"line {number}: chain is not the last field, as 64 hex digits: {raw}"
+        assert tail.group(1) == record["chain"]
+        signed = (raw[: tail.start()] + '"chain":""}').encode()
+        vm = record["vm"]
+        seqs[vm] = seqs.get(vm, 0) + 1
+        assert record["seq"] == seqs[vm], f"line {number}: vm {vm} seq {record['seq']}, want {seqs[vm]}"
+        data = prev.get(vm, bytes(32)) + signed
+        link = hmac.new(key, data, hashlib.sha256).digest() if key else hashlib.sha256(data).digest()
+        assert link.hex() == record["chain"], f"line {number}: chain does not follow (vm {vm} seq {record['seq']})"
+        prev[vm] = link
+    return seqs
 
 
 # --------------------------------------------------------------------------
@@ -453,6 +486,22 @@ def _copy(mix, tmp_path, name, lines) -> Path:
     return path
 
 
+def test_chain_follows_the_readme_formula(mix):
+    records = sum(not s.envoy_only for s in mix.sent)
+    assert list(recompute_chains(mix.lines).values()) == [records]
+    # The check itself can fail: one byte of one record changed, or the
+    # records of one VM taken out of order.
+    edited = list(mix.lines)
+    edited[1] = edited[1].replace('\\"status\\":200', '\\"status\\":201', 1)
+    assert edited[1] != mix.lines[1]
+    with pytest.raises(AssertionError, match="line 2: chain does not follow"):
+        recompute_chains(edited)
+    with pytest.raises(AssertionError, match="seq"):
+        recompute_chains([mix.lines[1], mix.lines[0], *mix.lines[2:]])
+    with pytest.raises(AssertionError, match="line 1: chain does not follow"):
+        recompute_chains(mix.lines, key=b"a key the log was not made with")
+
+
 def test_verify_accepts_the_intact_log(mix, phi_guard_cli):
     res = verify(phi_guard_cli, mix.envoy.access_log_path)
     assert res.returncode == 0, (res.stdout, res.stderr)
@@ -533,8 +582,12 @@ def test_stats_count_the_mix(mix):
     stats = phi_stats(mix.envoy)
     assert stats.get("allowed") == EXPECT_ALLOWED, stats
     denied = {k[len("denied."):]: v for k, v in stats.items() if k.startswith("denied.")}
-    # Every reason code has its counter (README), and only the ones the mix caused moved.
-    assert set(EXPECT_DENIED) <= set(denied), set(EXPECT_DENIED) - set(denied)
+    # Every reason code the README lists has its counter, whether or not the
+    # mix caused it, and nothing else is counted as a denial.
+    readme_denials = set(readme_reason_codes()) - {"ok"}
+    assert set(EXPECT_DENIED) <= readme_denials, set(EXPECT_DENIED) - readme_denials
+    assert set(denied) == readme_denials, (readme_denials - set(denied), set(denied) - readme_denials)
+    # Only the ones the mix caused moved.
     assert {k: v for k, v in denied.items() if v} == EXPECT_DENIED, denied
     assert stats.get("step_up_challenges") == 1, stats
     assert stats.get("jwks_fetch.ok", 0) >= 1, stats
@@ -600,6 +653,10 @@ def test_keyed_chain_verifies_only_with_the_key(envoy_factory, policy, keys, phi
     for text in ("\n".join(lines), envoy.log_text()):
         assert key_value not in text
 
+    # README: HMAC-SHA256 under the key, recomputed here independently of the CLI.
+    assert list(recompute_chains(lines, key=key_value.encode()).values()) == [4]
+    with pytest.raises(AssertionError, match="chain does not follow"):
+        recompute_chains(lines)
     log = envoy.access_log_path
     ok = verify(phi_guard_cli, log, "--key-env", KEY_ENV, env={KEY_ENV: key_value})
     assert ok.returncode == 0, (ok.stdout, ok.stderr)
@@ -621,6 +678,26 @@ def test_keyed_chain_verifies_only_with_the_key(envoy_factory, policy, keys, phi
     copy_path.write_text("\n".join(edited) + "\n")
     bad = verify(phi_guard_cli, copy_path, "--key-env", KEY_ENV, env={KEY_ENV: key_value})
     assert_broken_at(bad, 3)
+
+
+@pytest.mark.parametrize("variable", ["unset", "empty", "not_passed_to_the_vm"])
+def test_keyed_chain_without_its_key_stops_the_plugin(envoy_factory, policy, monkeypatch, variable):
+    # README: audit.hmac_key_env "named but unset or empty, the plugin refuses to start"
+    # (a plain chain instead would let whoever edits the log recompute it).
+    policy["audit"] = {"hmac_key_env": KEY_ENV}
+    envoy = envoy_factory(policy, start=False)
+    if variable != "not_passed_to_the_vm":
+        hcm = envoy.config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+        wasm["typed_config"]["config"]["vm_config"]["environment_variables"] = {"host_env_keys": [KEY_ENV]}
+        envoy.config_path.write_text(yaml.safe_dump(envoy.config, sort_keys=False))
+    if variable == "unset":
+        monkeypatch.delenv(KEY_ENV, raising=False)
+    else:
+        # Empty; or set for Envoy, but its VM only sees what vm_config passes.
+        monkeypatch.setenv(KEY_ENV, "" if variable == "empty" else "a-key-left-behind")
+    log = envoy.expect_start_failure()
+    assert "invalid configuration at `audit.hmac_key_env`: " in log, log[-3000:]
 
 
 # --------------------------------------------------------------------------
@@ -654,6 +731,8 @@ def test_two_workers_write_two_chains_that_verify(envoy_factory, policy, keys, p
     assert len(by_vm) == 2, f"want both workers to have written records: {by_vm}"
     for vm, seqs in by_vm.items():
         assert seqs == list(range(1, len(seqs) + 1)), (vm, seqs)
+    per_vm = recompute_chains(lines)  # one chain per VM, by the README's formula
+    assert sorted(per_vm.values()) == sorted(len(s) for s in by_vm.values()), per_vm
     res = verify(phi_guard_cli, envoy.access_log_path)
     assert res.returncode == 0, (res.stdout, res.stderr)
     assert f"ok: {count} records from 2 workers" in res.stdout, res.stdout
@@ -671,41 +750,63 @@ def test_two_workers_write_two_chains_that_verify(envoy_factory, policy, keys, p
 
 # --------------------------------------------------------------------------
 # A request that waits for keys is still one request in the counters
+#
+# The JWKS server holds its answer until the test releases it, so the first
+# request certainly arrives before any keys and has to wait: no race to lose.
+
+
+def _envoy_with_held_keys(envoy_factory, policy, jwks_server) -> Envoy:
+    """Envoy whose first JWKS fetch is at the server, unanswered."""
+    # Long enough that neither the callout nor a waiting request times out
+    # while the test takes its time on a loaded machine.
+    policy["providers"][0]["jwks"].update(timeout_ms=30000)
+    jwks_server.hold()
+    envoy = envoy_factory(policy)
+    assert jwks_server.wait_held(1, timeout=30), f"no JWKS fetch came:\n{envoy.log_tail()}"
+    return envoy
 
 
 def test_request_waiting_for_keys_is_counted_once(envoy_factory, policy, jwks_server, keys):
-    # The JWKS answers slowly, so the first request certainly arrives before the keys.
-    policy["providers"][0]["jwks"].update(timeout_ms=6000)
-    jwks_server.delay_seconds = 2.5
-    envoy = envoy_factory(policy)
-    resp = envoy.get("/fhir/Patient/1", token=mint(keys["ES256"]))
+    envoy = _envoy_with_held_keys(envoy_factory, policy, jwks_server)
+    answered = []
+    client = threading.Thread(
+        target=lambda: answered.append(envoy.get("/fhir/Patient/1", token=mint(keys["ES256"]))), daemon=True
+    )
+    try:
+        client.start()
+        # The filter paused it for keys (README: key_cache.miss, "a request had to wait for keys").
+        assert eventually(lambda: phi_stats(envoy).get("key_cache.miss") == 1, timeout=15), phi_stats(envoy)
+        client.join(0.5)
+        assert answered == [], f"answered without keys: {answered}"
+    finally:
+        jwks_server.release()
+    client.join(30)
+    (resp,) = answered
     assert resp.status == 200, (resp.status, resp.text, envoy.log_tail())
-    stats = phi_stats(envoy)
-    if stats.get("key_cache.miss") != 1:
-        pytest.skip(f"the request did not wait for keys (machine too slow to get it in first): {stats}")
     (line,) = log_lines(envoy, 1)
     assert record_of(line)["reason"] == "ok"
+    stats = phi_stats(envoy)
     counted = {k: stats.get(k) for k in ("token_cache.miss", "token_cache.hit", "key_cache.miss", "key_cache.hit")}
-    # README: key_cache miss = "a request had to wait for keys"; one request, one token, seen once.
+    # One request, one token, seen once.
     assert counted == {"token_cache.miss": 1, "token_cache.hit": 0, "key_cache.miss": 1, "key_cache.hit": 0}, counted
+    assert (stats.get("allowed"), stats.get("jwks_fetch.ok")) == (1, 1), stats
 
 
 def test_request_abandoned_while_waiting_for_keys_is_audited(envoy_factory, policy, jwks_server, keys):
-    policy["providers"][0]["jwks"].update(timeout_ms=6000)
-    jwks_server.delay_seconds = 3
-    envoy = envoy_factory(policy)
+    envoy = _envoy_with_held_keys(envoy_factory, policy, jwks_server)
     request_id = f"audit-abandoned-{uuid.uuid4().hex[:8]}"
     headers = {"x-request-id": request_id, "Authorization": f"Bearer {mint(keys['ES256'])}"}
     try:
-        resp = http_request(envoy.port, "GET", "/fhir/Patient/1", headers, timeout=0.5)
-    except TimeoutError:
-        resp = None
-    if resp is not None:
-        pytest.skip(f"the request was answered ({resp.status}) before the client gave up: it did not wait")
-    lines = log_lines(envoy, 1)
+        # No keys can come while the fetch is held: the client gives up first.
+        with pytest.raises(TimeoutError):
+            http_request(envoy.port, "GET", "/fhir/Patient/1", headers, timeout=1)
+        lines = log_lines(envoy, 1)
+        assert jwks_server.held == 1, "the fetch must still be in flight"
+    finally:
+        jwks_server.release()
     (line,) = [l for l in lines if json.loads(l)["request_id"] == request_id]
     assert "DC" in json.loads(line)["flags"], line  # Envoy saw the client go away
-    assert phi_stats(envoy).get("key_cache.miss", 0) >= 1, "the request should have waited for keys"
+    assert phi_stats(envoy).get("key_cache.miss") == 1, "the request should have waited for keys"
     # README: every request, allowed or denied, gets one record.
     rec = record_of(line)
     assert rec is not None, f"no audit record for a request the filter held: {line}"
@@ -714,8 +815,11 @@ def test_request_abandoned_while_waiting_for_keys_is_audited(envoy_factory, poli
     assert phi_stats(envoy).get("denied.client_closed") == 1
     # The fetch that request started belongs to the VM, not to the stream that
     # ended: it completes, and the next request is served with its keys.
-    eventually(lambda: phi_stats(envoy).get("jwks_fetch.ok", 0) >= 1, timeout=10)
+    fetched = eventually(lambda: phi_stats(envoy).get("jwks_fetch.ok", 0) >= 1, timeout=15)
+    assert fetched, phi_stats(envoy)
+    hits = jwks_server.hits
     assert envoy.get("/fhir/Patient/1", token=mint(keys["ES256"])).status == 200
+    assert jwks_server.hits == hits, "served with the keys fetched while the client was gone, not a new fetch"
 
 
 def test_overlapping_requests_leave_a_log_that_verifies(envoy, keys, phi_guard_cli):

@@ -1,7 +1,9 @@
 """Callouts that go wrong (issue #12): the VM must live through every answer.
 
 Every callout phi-guard makes is covered: a provider's JWKS and the
-revocation list (both through host/fetcher.rs).
+revocation list (both through host/fetcher.rs), and introspection queries
+(host/introspect.rs), which a request waits for: there a bad answer is 503
+`introspection_unavailable` on the introspect rule only.
 
 A JWKS endpoint that answers 50 MB, nothing, half a body, a reset, an HTML
 page, a redirect or one byte a second, or that flaps up and down, must
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -176,4 +179,107 @@ def test_bad_revocation_answer_keeps_the_vm_and_the_last_list(tmp_path, upstream
     assert eventually(lambda: envoy.phi_stats().get("revocation_fetch.failed", 0) >= before + 2, timeout=20)
     assert envoy.get(PROTECTED, token=revoked).status == 401
     assert envoy.get(SENSITIVE, token=fine).status == 200
+    assert_vm_alive(envoy)
+
+
+# --------------------------------------------------------------------------
+# Introspection queries: POSTed while the request waits; a bad answer is 503
+# on the introspect rule, and nothing else is harmed.
+
+INTROSPECTED = "/labs/7"
+SECRET_ENV = "PHI_GUARD_TEST_INTROSPECTION_SECRET"
+
+
+@pytest.fixture
+def authz():
+    with MisbehavingJwks() as server:
+        server.set_document({"active": True})
+        yield server
+
+
+@pytest.fixture
+def introspecting(envoy_factory, policy, authz, monkeypatch):
+    """Envoy whose /labs/{id} rule introspects at `authz` (JWKS served well)."""
+    monkeypatch.setenv(SECRET_ENV, "callout-test-secret")
+    policy["providers"][0]["introspection"] = {
+        "uri": f"http://127.0.0.1:{authz.port}/introspect",
+        "cluster": "introspection",
+        "client_id": "phi-guard",
+        "client_secret_env": SECRET_ENV,
+        "timeout_ms": 1000,
+        "cache_seconds": 1,
+    }
+    policy["rules"].append({"id": "lab-read", "methods": ["GET"], "path": "/labs/{id}",
+                            "scopes": ["read:patient-profile"], "introspect": True})
+
+    def make() -> Envoy:
+        return envoy_factory(policy, clusters={"introspection": authz.port}, host_env_keys=[SECRET_ENV])
+
+    return make
+
+
+def introspect_reason(envoy: Envoy, token: str) -> tuple[int, str | None]:
+    rid = uuid.uuid4().hex
+    status = envoy.get(INTROSPECTED, token=token, headers={"x-request-id": rid}).status
+
+    def reason():
+        for r in envoy.access_log():
+            if r.get("request_id") == rid and r.get("audit") not in (None, "", "-"):
+                return json.loads(r["audit"])["reason"]
+        return None
+
+    return status, eventually(reason, timeout=10)
+
+
+@pytest.mark.parametrize("mode", MisbehavingJwks.MODES)
+def test_bad_introspection_answer_is_503_and_the_vm_lives(introspecting, authz, keys, upstream, mode):
+    envoy = introspecting()
+    authz.mode = mode
+    token = mint(keys["RS256"])
+    assert introspect_reason(envoy, token) == (503, "introspection_unavailable"), envoy.log_tail()
+    assert authz.hits_on("/introspect") >= 1, "the query never reached the endpoint"
+    assert eventually(lambda: envoy.phi_stats().get("introspection.failed", 0) >= 1, timeout=10), envoy.phi_stats()
+    assert_vm_alive(envoy)
+    assert envoy.get(PROTECTED, token=token).status == 200, "rules without introspect go on"
+    assert INTROSPECTED not in [r.path for r in upstream.requests], "allowed without an answer"
+    if mode == "redirect":
+        assert authz.hits_on("/moved") == 0, "the redirect was followed"
+
+    authz.mode = "ok"
+    assert eventually(lambda: envoy.get(INTROSPECTED, token=token).status == 200, timeout=15), envoy.log_tail()
+    assert envoy.phi_stats().get("introspection.active", 0) >= 1
+    assert_vm_alive(envoy)
+
+
+def test_flapping_introspection_endpoint_never_allows_without_an_answer(introspecting, authz, keys):
+    authz.down()
+    envoy = introspecting()
+    stop = threading.Event()
+
+    def flap():
+        while not stop.is_set():
+            authz.up()
+            time.sleep(0.3)
+            authz.down()
+            time.sleep(0.3)
+
+    flapper = threading.Thread(target=flap, daemon=True)
+    flapper.start()
+    try:
+        seen = []
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            # A fresh token each time: every request needs its own answer.
+            seen.append(envoy.get(INTROSPECTED, token=mint(keys["RS256"])).status)
+            assert envoy.get(PUBLIC).status == 200
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        flapper.join(timeout=5)
+    authz.up()
+    assert set(seen) <= {200, 503}, seen
+    assert 200 in seen and 503 in seen, seen
+    assert eventually(lambda: envoy.get(INTROSPECTED, token=mint(keys["RS256"])).status == 200, timeout=10)
+    stats = envoy.phi_stats()
+    assert stats.get("introspection.failed", 0) >= 1 and stats.get("introspection.active", 0) >= 1, stats
     assert_vm_alive(envoy)

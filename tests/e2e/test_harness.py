@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import socket
+import threading
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -74,6 +75,26 @@ def test_jwks_server_can_fail_in_every_way(keys):
         server.up()
         assert server.port == port and http_request(port, "GET", "/").status == 200
         assert server.hits == 4
+
+
+def test_jwks_server_holds_answers_until_released(keys):
+    with JwksServer(keys["ES256"]) as server:
+        server.hold()
+        got = []
+        client = threading.Thread(target=lambda: got.append(http_request(server.port, "GET", "/", timeout=30)))
+        client.start()
+        assert server.wait_held(1, timeout=10) and server.held == 1
+        client.join(0.5)
+        assert client.is_alive() and got == [], "a held request was answered"
+        server.set_document({"keys": []})  # what is set by the release is what goes out
+        server.release()
+        client.join(10)
+        assert [(r.status, json.loads(r.body)) for r in got] == [(200, {"keys": []})]
+        assert server.held == 0 and server.hits == 1
+        # Released means released: later requests are not held.
+        assert http_request(server.port, "GET", "/", timeout=5).status == 200
+        times = server.arrivals()
+        assert len(times) == 2 and times[0] <= times[1]
 
 
 def test_envoy_without_filter_proxies_and_stops(envoy_factory, upstream):

@@ -20,7 +20,7 @@ import time
 import pytest
 import yaml
 
-from harness import Response, assert_insufficient_scope, audits, challenge_of, mint
+from harness import ISSUER, Response, assert_insufficient_scope, audits, challenge_of, mint, phi_guard_stats
 
 PATIENT = "/fhir/Patient/123"
 IDENTITY_HEADERS = ["x-phi-subject", "x-phi-client-id", "x-phi-scopes", "x-phi-rule"]
@@ -305,6 +305,7 @@ def test_old_token_on_lab_delete_is_401_invalid_token(envoy, upstream, keys):
     assert resp.status == 200, (resp.status, resp.text)
     record, _ = audits(envoy, 2)
     assert (record["reason"], record["rule"]) == ("token_too_old", "lab-delete")
+    assert phi_guard_stats(envoy)["denied.token_too_old"] == 1
 
 
 def test_fresh_token_on_lab_delete_is_allowed_and_one_without_iat_is_not(envoy, upstream, keys):
@@ -498,6 +499,28 @@ def test_spoofed_identity_headers_are_stripped_on_public_path(envoy, upstream):
     for name in ("x-phi-subject", "x-phi-scopes", "x-phi-client-id"):
         assert seen.header_all(name) == [], (name, seen.headers)
     assert seen.header_all("x-phi-rule") == ["health"]
+
+
+def test_every_forwardable_claim_reaches_the_upstream(envoy_factory, policy, upstream, keys):
+    # README claims_to_headers keys: sub, iss, client_id, azp, jti, acr, scopes, rule.
+    names = ["sub", "iss", "client_id", "azp", "jti", "acr", "scopes", "rule"]
+    policy["claims_to_headers"] = {name: f"x-fwd-{name.replace('_', '-')}" for name in names}
+    envoy = envoy_factory(policy)
+    spoofed = [(f"x-fwd-{n.replace('_', '-')}", "spoofed") for n in names]
+    claims = {"sub": "u-1", "client_id": "c-1", "azp": "azp-1", "jti": "jti-1", "acr": "urn:example:loa:mfa"}
+    resp = envoy.get(PATIENT, token=token(keys, **claims), headers=spoofed)
+    assert resp.status == 200, (resp.status, resp.text)
+    got = {n: upstream.last.header_all(f"x-fwd-{n.replace('_', '-')}") for n in names}
+    want = {n: [v] for n, v in claims.items()}
+    want.update(iss=[ISSUER], scopes=["read:patient-profile"], rule=["patient-read"])
+    assert got == want, got
+    # A token without azp, jti and acr: nothing set for those (no stand-in from
+    # another claim), and the client's values are gone too.
+    resp = envoy.get(PATIENT, token=token(keys, sub="u-1", client_id="c-1", azp=None, jti=None), headers=spoofed)
+    assert resp.status == 200, (resp.status, resp.text)
+    got = {n: upstream.last.header_all(f"x-fwd-{n.replace('_', '-')}") for n in names}
+    want.update(azp=[], jti=[], acr=[])
+    assert got == want, got
 
 
 def test_authorization_is_not_forwarded_by_default(envoy, upstream, keys):

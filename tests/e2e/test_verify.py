@@ -15,7 +15,21 @@ import pytest
 import yaml
 
 from conftest import FAMILIES
-from harness import ENVOY_BIN, REPO, KeyPair, Response, default_claims, eventually, http_request, mint, tamper
+from harness import (
+    ENVOY_BIN,
+    REPO,
+    KeyPair,
+    Response,
+    audits,
+    challenge_of,
+    default_claims,
+    eventually,
+    http_request,
+    mint,
+    phi_guard_stats,
+    shipped_policy,
+    tamper,
+)
 
 PATH = "/fhir/Patient/123"
 
@@ -130,31 +144,56 @@ def _forged(name: str, keys: dict) -> str:
     }[name]()
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "expired",
-        "not_yet_valid",
-        "wrong_issuer",
-        "wrong_audience",
-        "missing_exp",
-        "lifetime_over_max",
-        "bad_signature",
-        "signed_by_other_key_same_kid",
-        "alg_none",
-        "hs256_with_rsa_public_key",
-        "alg_differs_from_key",
-        "unknown_kid",
-        "unknown_crit_header",
-        "id_token_typ",
-        "malformed_two_parts",
-        "malformed_not_base64",
-        "malformed_payload_not_json",
-    ],
-)
+# Each forged token and the reason its audit record and counter must give (README "Audit record").
+REASON_OF_CASE = {
+    "expired": "expired",
+    "not_yet_valid": "not_yet_valid",
+    "wrong_issuer": "unknown_issuer",
+    "wrong_audience": "wrong_audience",
+    "missing_exp": "missing_exp",
+    "lifetime_over_max": "lifetime_too_long",
+    "bad_signature": "invalid_signature",
+    "signed_by_other_key_same_kid": "invalid_signature",
+    "alg_none": "alg_not_allowed",
+    "hs256_with_rsa_public_key": "alg_not_allowed",
+    "alg_differs_from_key": "alg_not_allowed",
+    "unknown_kid": "unknown_key",
+    "unknown_crit_header": "unsupported_crit",
+    "id_token_typ": "bad_token_type",
+    "malformed_two_parts": "malformed_token",
+    "malformed_not_base64": "malformed_token",
+    "malformed_payload_not_json": "malformed_token",
+}
+
+
+def assert_denied_once(envoy, reason: str, index: int = 0) -> None:
+    """Request number `index` is audited as a denial for `reason`, and the
+    reason's counter (README "Stats") counted it, once."""
+    record = audits(envoy, index + 1)[index]
+    assert record is not None and (record["decision"], record["reason"]) == ("deny", reason), record
+    stats = phi_guard_stats(envoy)
+    assert stats.get(f"denied.{reason}") == 1, stats
+    assert stats.get("allowed", 0) == 0, stats
+
+
+@pytest.mark.parametrize("case", list(REASON_OF_CASE))
 def test_invalid_token_is_401_invalid_token(envoy, upstream, keys, case):
     token = _forged(case, keys)
     assert_invalid_token(envoy.get(PATH, token=token), upstream, token)
+    assert_denied_once(envoy, REASON_OF_CASE[case])
+
+
+def test_lifetime_is_measured_from_nbf_when_there_is_no_iat(envoy, upstream, keys):
+    # README: exp minus iat (or nbf) must not exceed max_token_lifetime_seconds (3600).
+    # Both tokens expire well within an hour from now: only a lifetime counted
+    # from nbf can tell them apart.
+    now, key = int(time.time()), keys["EdDSA"]
+    assert envoy.get(PATH, token=mint(key, iat=None, nbf=now - 1000, exp=now + 2500)).status == 200
+    upstream.reset()
+    long_lived = mint(key, iat=None, nbf=now - 1000, exp=now + 2700)
+    assert_invalid_token(envoy.get(PATH, token=long_lived), upstream, long_lived)
+    record = audits(envoy, 2)[1]
+    assert record["reason"] == "lifetime_too_long", record
 
 
 def test_token_types_are_configurable_and_case_insensitive(envoy_factory, policy, upstream, keys):
@@ -166,16 +205,33 @@ def test_token_types_are_configurable_and_case_insensitive(envoy_factory, policy
     assert_invalid_token(envoy.get(PATH, token=plain), upstream, plain)
 
 
+def test_empty_token_types_leave_typ_unchecked(envoy_factory, policy, upstream, keys):
+    # README: `token_types: []` = not checked. id+jwt is refused by default (see above).
+    policy["providers"][0]["token_types"] = []
+    envoy = envoy_factory(policy)
+    for typ in ("id+jwt", None, "anything/at-all"):
+        resp = envoy.get(PATH, token=mint(keys["ES256"], header={"typ": typ}))
+        assert resp.status == 200, (typ, resp.status, resp.text)
+    assert len(upstream.requests) == 3
+
+
 # --------------------------------------------------------------------------
 # Suspicious Authorization headers: refused before any verification
+
+
+def assert_invalid_request(resp: Response, upstream, *tokens: str) -> None:
+    """400 with `Bearer error="invalid_request"` (README, answers table)."""
+    assert resp.status == 400, (resp.status, resp.text)
+    scheme, params = challenge_of(resp)
+    assert (scheme, params) == ("Bearer", {"error": ("invalid_request", True)}), params
+    assert_refused(resp, upstream, *tokens)
 
 
 def test_two_authorization_headers_are_refused(envoy, upstream, keys):
     # Both tokens are valid: ambiguity alone must be enough to refuse.
     first, second = mint(keys["RS256"]), mint(keys["ES256"])
     resp = envoy.get(PATH, headers=[("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")])
-    assert 400 <= resp.status < 500, (resp.status, resp.text)
-    assert_refused(resp, upstream, first, second)
+    assert_invalid_request(resp, upstream, first, second)
 
 
 def test_authorization_over_8_kib_is_refused(envoy, upstream, keys):
@@ -183,8 +239,34 @@ def test_authorization_over_8_kib_is_refused(envoy, upstream, keys):
     token = mint(keys["ES256"], padding="x" * 9000)
     assert len(token) > 8192
     resp = envoy.get(PATH, token=token)
-    assert 400 <= resp.status < 500, (resp.status, resp.text)
-    assert_refused(resp, upstream, token)
+    assert_invalid_request(resp, upstream, token)
+
+
+def _token_of_length(key: KeyPair, lengths: set[int]) -> str:
+    """A valid token whose length is one of `lengths` (base64 cannot make every length)."""
+    for pad in range(5000, 6500):
+        token = mint(key, padding="x" * pad)
+        if len(token) in lengths:
+            return token
+    raise AssertionError(f"no token of length {lengths}")
+
+
+def test_authorization_of_exactly_8_kib_is_read_and_one_byte_more_is_not(envoy, upstream, keys):
+    # README: a header *over* 8 KiB is refused. The value is "Bearer", blanks,
+    # the token; the blanks make up the exact length with the same token.
+    limit = 8 * 1024
+    token = _token_of_length(keys["ES256"], {limit - 7, limit - 8})
+    blanks = " " * (limit - len("Bearer") - len(token))
+    at_limit = f"Bearer{blanks}{token}"
+    assert len(at_limit) == limit
+    resp = envoy.get(PATH, headers=[("Authorization", at_limit)])
+    assert resp.status == 200, (resp.status, resp.text)
+    assert upstream.last.header("authorization") is None
+    upstream.reset()
+    over = f"Bearer {blanks}{token}"
+    assert len(over) == limit + 1
+    assert_invalid_request(envoy.get(PATH, headers=[("Authorization", over)]), upstream, token)
+    assert [r["reason"] for r in audits(envoy, 2)] == ["ok", "invalid_request"]
 
 
 # --------------------------------------------------------------------------
@@ -251,6 +333,8 @@ def test_jwks_unavailable_at_start_is_503_then_recovers(envoy_factory, policy, j
     resp = envoy.get(PATH, token=token)
     assert resp.status == 503, (resp.status, resp.text)
     assert_refused(resp, upstream, token)
+    assert_denied_once(envoy, "keys_unavailable")
+    assert phi_guard_stats(envoy)["jwks_fetch.failed"] >= 1
 
     if outage == "connection_refused":
         jwks_server.up()
@@ -307,20 +391,28 @@ def test_garbage_jwks_is_503_and_envoy_keeps_serving(envoy_factory, policy, jwks
 
 
 @pytest.mark.parametrize(
-    "mutate, mentions",
+    "mutate, field",
     [
         pytest.param(lambda p: p.update(bogus_option=True), "bogus_option", id="unknown_top_level_field"),
-        pytest.param(lambda p: p["providers"][0].update(algorithms=["RS256", "RS999"]), "RS999", id="unknown_alg"),
-        pytest.param(lambda p: p["providers"][0].update(algorithms=["HS256"]), "algorithms", id="hmac_alg"),
-        pytest.param(lambda p: p["providers"][0]["jwks"].update(refresh_s=5), "refresh_s", id="unknown_jwks_field"),
-        pytest.param(lambda p: p["rules"][1].update(scope=["read:patient-profile"]), "scope", id="unknown_rule_field"),
+        pytest.param(
+            lambda p: p["providers"][0].update(algorithms=["RS256", "RS999"]), "providers[0].algorithms", id="unknown_alg"
+        ),
+        pytest.param(lambda p: p["providers"][0].update(algorithms=["HS256"]), "providers[0].algorithms", id="hmac_alg"),
+        pytest.param(
+            lambda p: p["providers"][0]["jwks"].update(refresh_s=5), "providers[0].jwks.refresh_s", id="unknown_jwks_field"
+        ),
+        pytest.param(
+            lambda p: p["providers"][0]["jwks"].update(timeout_ms="2000"), "providers[0].jwks.timeout_ms", id="wrong_type"
+        ),
+        pytest.param(lambda p: p["rules"][1].update(scope=["read:patient-profile"]), "rules[1].scope", id="unknown_rule_field"),
         pytest.param(lambda p: p.update(providers=[]), "providers", id="no_providers"),
     ],
 )
-def test_invalid_config_fails_plugin_start(envoy_factory, policy, mutate, mentions):
+def test_invalid_config_fails_plugin_start(envoy_factory, policy, mutate, field):
     mutate(policy)
     log = envoy_factory(policy, start=False).expect_start_failure()
-    assert mentions in log, log[-3000:]
+    # README: Envoy logs `invalid configuration at `<field>`: <problem>`.
+    assert f"invalid configuration at `{field}`: " in log, log[-3000:]
 
 
 def test_config_that_is_not_json_fails_plugin_start(envoy_factory):
@@ -451,9 +543,15 @@ def test_logs_carry_audit_but_never_the_token(envoy, upstream, keys):
         assert "q=secret" not in envoy.access_log_path.read_text()
 
 
-def test_default_claims_are_what_the_policy_expects():
-    # Guards the tests above: a typo here would make every "valid" case wrong.
+def test_default_claims_are_what_the_shipped_policy_expects():
+    # Guards the tests above: the harness's "good" claims must be good for the
+    # policy in envoy/envoy.yaml, read from there (not the harness's own constants).
+    policy = shipped_policy()
+    (provider,) = policy["providers"]
+    (rule,) = [r for r in policy["rules"] if r["id"] == "patient-read"]
     claims = default_claims()
-    assert claims["iss"] == "https://idp.example.org"
-    assert claims["aud"] == "https://fhir.example.org"
-    assert "read:patient-profile" in claims["scope"].split()
+    assert claims["iss"] == provider["issuer"]
+    assert claims["aud"] in provider["audiences"]
+    assert set(rule["scopes"]) <= set(claims["scope"].split(" "))
+    assert claims["exp"] - claims["iat"] <= policy["max_token_lifetime_seconds"]
+    assert rule["path"] == "/fhir/Patient/{id}" and "GET" in rule["methods"], "PATH above must land on this rule"
