@@ -181,7 +181,7 @@ def native_side(name: str, workdir: Path, jwks_file: Path, auth: bool = True, ca
                 provider.pop("jwt_cache_config", None)
     prefix = hcm["stat_prefix"]
     stats = {"hit": f"http.{prefix}.jwt_authn.jwt_cache_hit", "miss": f"http.{prefix}.jwt_authn.jwt_cache_miss"}
-    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=0, with_wasm=False)
+    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=0, with_wasm=False, tls=False)
     return Side(name, envoy, config, stats if auth and cache else None)
 
 
@@ -192,9 +192,12 @@ def phi_guard_side(name: str, workdir: Path, jwks_port: int, cache: bool, policy
     `policy_overrides` set further top-level policy fields."""
     policy = Envoy.point_jwks(shipped_policy(), jwks_port)
     policy["verified_token_cache_size"] = TOKENS if cache else 0
+    # Plaintext on every side, as the native reference config is: the
+    # benchmark compares the checks, not TLS (issue #14 keeps TLS the default).
+    policy["transport"] = {"require_tls": False}
     policy.update(policy_overrides or {})
     # Upstream port 0: nothing may go there (the route answers directly).
-    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=jwks_port, policy=policy)
+    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=jwks_port, policy=policy, tls=False)
     config = envoy.config
     hcm = _hcm(config)
     hcm.pop("access_log", None)

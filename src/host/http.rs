@@ -9,6 +9,7 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::answer::{self, Reason};
 use crate::audit::{self, AuditRecord};
+use crate::binding::Binding;
 use crate::config::Policy;
 use crate::decision::{self, Request, Trace, Verdict, WaitFor};
 use crate::pairs;
@@ -33,6 +34,16 @@ pub struct Pending {
     request_id: Option<String>,
     /// Envoy's `source.address`: the verification budget's key and the record's `source`.
     source: Option<String>,
+    /// Envoy's `connection.tls_version`; `None` over plaintext.
+    tls: Option<String>,
+    /// `:scheme`, `:authority`, `x-forwarded-proto` and every `DPoP` header:
+    /// what transport and sender-binding checks read.
+    scheme: String,
+    authority: String,
+    forwarded_proto: Option<String>,
+    dpop: Vec<String>,
+    /// How the client proved possession of its token's key or certificate.
+    binding: Option<Binding>,
     record: Option<AuditRecord>,
     sealed: bool,
     paused: bool,
@@ -77,12 +88,17 @@ impl HttpContext for Filter {
         let mut w = worker.borrow_mut();
         let mut p = self.pending.borrow_mut();
         let headers = abi::header_pairs(MapType::HttpRequestHeaders).unwrap_or_default();
+        let trust_xfp = w.policy.transport.trusted_forwarded_proto;
         let Pending {
             method,
             path,
             authorization,
             request_id,
             spoofed,
+            scheme,
+            authority,
+            forwarded_proto,
+            dpop,
             ..
         } = &mut *p;
         // Values may hold any byte but NUL/CR/LF; lossy text is safe here: a
@@ -94,10 +110,15 @@ impl HttpContext for Filter {
                 b":path" => *path = text(value),
                 b"authorization" => authorization.push(text(value)),
                 b"x-request-id" => *request_id = String::from_utf8(value.to_vec()).ok(),
+                b":scheme" => *scheme = text(value),
+                b":authority" => *authority = text(value),
+                b"dpop" => dpop.push(text(value)),
+                b"x-forwarded-proto" if trust_xfp => *forwarded_proto = Some(text(value)),
                 other => *spoofed |= is_identity_header(&w.policy, other),
             }
         }
         p.source = property_string(&["source", "address"]);
+        p.tls = property_string(&["connection", "tls_version"]);
         decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
     }
 
@@ -156,11 +177,17 @@ impl Filter {
 
 fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> (Verdict, Trace) {
     let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
+    let dpop: Vec<&str> = p.dpop.iter().map(String::as_str).collect();
     let req = Request {
         method: &p.method,
         path: &p.path,
         authorization: &auth,
         source: p.source.as_deref(),
+        tls_version: p.tls.as_deref(),
+        forwarded_proto: p.forwarded_proto.as_deref(),
+        scheme: &p.scheme,
+        authority: &p.authority,
+        dpop: &dpop,
     };
     w.decide(&req, now, may_wait)
 }
@@ -241,7 +268,14 @@ pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, waiter: &Waiter, now: u64) {
 fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Action {
     let policy = Rc::clone(&w.policy);
     let (reason, rule, token) = match &verdict {
-        Verdict::Allow { rule, token } => (Reason::Ok, Some(*rule), token.clone()),
+        Verdict::Allow {
+            rule,
+            token,
+            binding,
+        } => {
+            p.binding = *binding;
+            (Reason::Ok, Some(*rule), token.clone())
+        }
         Verdict::Deny {
             reason,
             rule,
@@ -265,12 +299,31 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
         now_ms,
     ));
     if reason == Reason::Ok {
+        if token.as_ref().is_some_and(|t| !t.phi_claims.is_empty()) {
+            metrics::bump(w.metrics.phi_flagged);
+        }
         if let Some(rule) = rule_ref {
             forward(p, &policy, rule, token.as_deref());
         }
         return Action::Continue;
     }
-    let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref));
+    let dpop = {
+        let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
+        let req = Request {
+            method: &p.method,
+            path: &p.path,
+            authorization: &auth,
+            source: None,
+            tls_version: None,
+            forwarded_proto: None,
+            scheme: &p.scheme,
+            authority: &p.authority,
+            dpop: &[],
+        };
+        decision::is_dpop(&req, reason, token.as_deref())
+    };
+    let algs = dpop.then_some(policy.dpop_algs.as_str());
+    let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref, algs));
     let mut headers = vec![
         ("content-type", "text/plain"),
         ("cache-control", "no-store"),
@@ -340,14 +393,16 @@ fn draft(
 ) -> AuditRecord {
     let token_fp = match (token, rule) {
         (Some(t), _) => Some(t.fingerprint.clone()),
-        // A public rule ignores any token, so the record does not name one.
+        // A public rule ignores any token, so the record does not name one;
+        // one sent over plaintext may have been seen, and is not named either.
         (None, Some(r)) if r.public => None,
+        (None, _) if reason == Reason::InsecureTransport => None,
         (None, _) => {
             let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
-            token::extract_bearer(&auth)
+            token::extract_credentials(&auth)
                 .ok()
                 .flatten()
-                .map(token::fingerprint)
+                .map(|(_, t)| token::fingerprint(t))
         }
     };
     let mut r = AuditRecord {
@@ -384,7 +439,10 @@ fn draft(
         acr: token.and_then(|t| t.acr.clone()),
         amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
         source: p.source.clone(),
-        tls: property_string(&["connection", "tls_version"]),
+        // Always there: "none" says plaintext as plainly as a version says TLS.
+        tls: Some(p.tls.clone().unwrap_or_else(|| "none".to_string())),
+        binding: p.binding.map(|b| b.code().to_string()),
+        phi_claims: token.map(|t| t.phi_claims.clone()).unwrap_or_default(),
         vm: String::new(),
         seq: 0,
         chain: String::new(),

@@ -177,6 +177,19 @@ impl RootContext for Root {
                 return false;
             }
         };
+        // Weakening is spelled out: said at every start, not only in the config.
+        let plaintext: Vec<&str> = policy
+            .rules
+            .iter()
+            .filter(|r| !r.public && !r.require_tls.unwrap_or(policy.transport.require_tls))
+            .map(|r| r.id.as_str())
+            .collect();
+        if !plaintext.is_empty() {
+            log::warn!(
+                "require_tls is false for rules {}: their tokens are accepted over plaintext, where anyone on the path can read and replay them",
+                plaintext.join(", ")
+            );
+        }
         let key = match audit_key(&policy) {
             Ok(key) => key,
             Err(e) => {
