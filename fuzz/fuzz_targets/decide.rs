@@ -17,13 +17,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use phi_guard::answer::{deny, Reason};
+use phi_guard::budget::VerificationBudget;
 use phi_guard::decision::{
     challenge, decide, forwarded_headers, Facts, Request, Revocations, State, Trace, Verdict,
     WaitFor,
 };
 use phi_guard::rules::SafePath;
 use phi_guard::token::{extract_bearer, TokenCache};
-use phi_guard::budget::VerificationBudget;
 use phi_guard_fuzz::{fixture, NOW};
 
 fuzz_target!(|data: &[u8]| {
@@ -120,7 +120,11 @@ fuzz_target!(|data: &[u8]| {
         }
         Verdict::Deny { reason, rule, .. } => {
             let rule = rule.and_then(|i| policy.rules.get(i));
-            let answer = deny(*reason, &policy.realm, challenge(rule, Some(&policy.dpop_algs)));
+            let answer = deny(
+                *reason,
+                &policy.realm,
+                challenge(rule, Some(&policy.dpop_algs)),
+            );
             assert!((400..600).contains(&answer.status));
             if let Some(www) = answer.www_authenticate {
                 assert!(!www.chars().any(char::is_control), "{www:?}");
