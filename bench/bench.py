@@ -74,6 +74,8 @@ from harness import (  # noqa: E402
 NATIVE_YAML = Path(os.environ.get("NATIVE_YAML", REPO.parent / "shared" / "reference" / "native-jwt-authn.yaml"))
 PATH = "/fhir/Patient/1"
 TOKENS = 10_000
+# Entries in the revocation list of the revocation-cost runs (issue #13: 100,000).
+REVOKED = 100_000
 ALGS = ("RS256", "ES256")
 WORKLOADS = ("repeated", "10k", "cold")
 # The phi-guard builds measured: the wasm filter and the dynamic module.
@@ -190,12 +192,18 @@ def native_side(name: str, workdir: Path, jwks_file: Path, auth: bool = True, ca
                 provider.pop("jwt_cache_config", None)
     prefix = hcm["stat_prefix"]
     stats = {"hit": f"http.{prefix}.jwt_authn.jwt_cache_hit", "miss": f"http.{prefix}.jwt_authn.jwt_cache_miss"}
-    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=0, with_wasm=False)
+    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=0, with_wasm=False, tls=False)
     return Side(name, envoy, config, stats if auth and cache else None)
 
 
 def phi_guard_side(
-    name: str, workdir: Path, jwks_port: int, cache: bool, policy_overrides: dict | None = None, build: str = "wasm"
+    name: str,
+    workdir: Path,
+    jwks_port: int,
+    cache: bool,
+    policy_overrides: dict | None = None,
+    revocation_port: int | None = None,
+    build: str = "wasm",
 ) -> Side:
     """The shipped envoy.yaml and policy as the e2e tests run them, keys from
     our JWKS server, the route turned into the same direct answer as the
@@ -203,9 +211,17 @@ def phi_guard_side(
     `policy_overrides` set further top-level policy fields."""
     policy = Envoy.point_jwks(shipped_policy(), jwks_port)
     policy["verified_token_cache_size"] = TOKENS if cache else 0
+    # Plaintext on every side, as the native reference config is: the
+    # benchmark compares the checks, not TLS (issue #14 keeps TLS the default).
+    policy["transport"] = {"require_tls": False}
     policy.update(policy_overrides or {})
+    if revocation_port is not None:
+        policy["revocation"] = {"uri": f"http://127.0.0.1:{revocation_port}/revoked.json", "cluster": "revocation"}
     # Upstream port 0: nothing may go there (the route answers directly).
-    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=jwks_port, policy=policy, build=build)
+    clusters = {} if revocation_port is None else {"revocation": revocation_port}
+    envoy = Envoy(
+        workdir / name, upstream_port=0, jwks_port=jwks_port, policy=policy, tls=False, clusters=clusters, build=build
+    )
     config = envoy.config
     hcm = _hcm(config)
     hcm.pop("access_log", None)
@@ -375,7 +391,11 @@ def main() -> int:
     results: dict[tuple[str, str, str], list[Result]] = {}
     hits: dict[tuple[str, str, str], list[float]] = {}
     try:
-        with JwksServer(*keys.values()) as jwks_server:
+        # A revocation list of REVOKED entries, none of them the bench tokens.
+        revoked = {"jti": [f"revoked-{i}" for i in range(REVOKED // 2)],
+                   "sub": [f"gone-{i}" for i in range(REVOKED - REVOKED // 2)]}  # fmt: skip
+        with JwksServer(*keys.values()) as jwks_server, JwksServer() as list_server:
+            list_server.set_document(revoked)
             sides["noauth"] = native_side("noauth", work, jwks_file, auth=False)
             for alg in ALGS:
                 sides[f"native-{alg}"] = native_side(f"native-{alg}", work, jwks_file)
@@ -388,10 +408,17 @@ def main() -> int:
                     f"module-{alg}", work, jwks_server.port, cache=True, build="native"
                 )
             sides["module-cold"] = phi_guard_side("module-cold", work, jwks_server.port, cache=False, build="native")
+            sides["phi-guard-revocation"] = phi_guard_side(
+                "phi-guard-revocation", work, jwks_server.port, cache=True, revocation_port=list_server.port
+            )
 
             def side_for(workload: str, alg: str, who: str):
                 if who == "noauth":
                     return sides["noauth"]
+                if who == "phi-guard-revocation":
+                    return sides["phi-guard-revocation"]
+                if who == "phi-guard-base":
+                    return sides["phi-guard-RS256"]
                 return sides[f"{who}-cold" if workload == "cold" else f"{who}-{alg}"]
 
             try:
@@ -399,7 +426,7 @@ def main() -> int:
                 for side in sides.values():
                     side.start()
                 for name, side in sides.items():
-                    alg = name.rsplit("-", 1)[-1]
+                    alg = "RS256" if name == "phi-guard-revocation" else name.rsplit("-", 1)[-1]
                     check_answers(side, {alg: first[alg]} if alg in ALGS else first, auth=name != "noauth")
 
                 # Fill each cache with its algorithm's 10,000 tokens; the
@@ -421,6 +448,9 @@ def main() -> int:
                 for workload in WORKLOADS:
                     for alg in ALGS:
                         plan += [(workload, alg, who) for who in WHO]
+                # The revocation check's cost on a cached request: the same
+                # token with and without a REVOKED-entry list, back to back.
+                plan += [("repeated", "RS256", "phi-guard-base"), ("repeated", "RS256", "phi-guard-revocation")]
                 for r in range(rounds):
                     log(f"round {r + 1}/{rounds}: {len(plan)} runs of {seconds:g}s ...")
                     for workload, alg, who in plan if r % 2 == 0 else _swap_pairs(plan):
@@ -449,9 +479,24 @@ def main() -> int:
         return 1
 
     report(results, hits, rounds, seconds, rss_fresh, rss_cached, token_cache_bytes, args.quick)
+    report_revocation(results)
     log(f"\ntook {time.monotonic() - started:.0f}s")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def report_revocation(results) -> None:
+    """What the revocation check adds to a cached request: 1/rate with the
+    list minus 1/rate without, per round (the runs are back to back)."""
+    plain = results[("repeated", "RS256", "phi-guard-base")]
+    listed = results[("repeated", "RS256", "phi-guard-revocation")]
+    added = [1e6 / b.rps - 1e6 / a.rps for a, b in zip(plain, listed)]
+    log("")
+    log(
+        f"revocation list of {REVOKED:,} entries, one RS256 token repeated: "
+        f"{_median(listed).rps:,.0f} req/s with it, {_median(plain).rps:,.0f} without; "
+        f"added per request {statistics.median(added):+.2f} µs (rounds {min(added):+.2f} to {max(added):+.2f}; target <= 1 µs)"
+    )
 
 
 def _swap_pairs(plan):

@@ -545,6 +545,8 @@ def soak_policy(jwks_port: int, seconds: int, budget: bool) -> tuple[dict, int]:
     policy["providers"][0]["jwks"].update(cache_seconds=cache_seconds, min_refetch_seconds=max(1, cache_seconds // 2))
     if budget:
         policy["verification_budget"] = 0
+    # Plaintext: Python makes more load without TLS, and decisions are the point.
+    policy["transport"] = {"require_tls": False}
     return policy, cache_seconds
 
 
@@ -552,7 +554,7 @@ def start_envoy(work: Path, upstream: SoakUpstream, jwks_server: JwksServer, sec
     """Envoy with the soak policy; without verification_budget if this build does not know the key."""
     for budget in (True, False):
         policy, cache_seconds = soak_policy(jwks_server.port, seconds, budget)
-        envoy = Envoy(work / ("envoy" if budget else "envoy-no-budget"), upstream.port, jwks_server.port, policy)
+        envoy = Envoy(work / ("envoy" if budget else "envoy-no-budget"), upstream.port, jwks_server.port, policy, tls=False)
         try:
             with envoy_workers(WORKERS):
                 envoy.start()

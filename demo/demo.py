@@ -14,18 +14,23 @@ import argparse
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
-from harness import ENVOY_BIN, ENVOY_YAML, REPO, JwksServer, KeyPair, Upstream, http_request, mint
+from harness import ENVOY_BIN, ENVOY_YAML, REPO, JwksServer, KeyPair, Upstream, http_request, make_certs, mint
 
 LISTENER, UPSTREAM, JWKS, ADMIN = 10000, 10001, 10002, 9901
 # mint.py signs with the same key, so more tokens work against the running demo.
 # PHI_GUARD_DEMO_KEY moves it, e.g. when the repo is mounted read-only (docker-compose).
 KEY_FILE = Path(os.environ.get("PHI_GUARD_DEMO_KEY", REPO / ".run" / "demo-key.json"))
+# envoy/envoy.yaml reads its listener's certificate here (`make certs`).
+CERTS = REPO / ".run" / "certs"
+BASE = f"https://127.0.0.1:{LISTENER}"
+CURL = f"curl --cacert {CERTS.relative_to(REPO) / 'ca.pem'}"
 
 
 def save_key(key: KeyPair) -> None:
@@ -62,8 +67,9 @@ def smoke(token: str) -> int:
         ("DELETE", "/labs/1", {"Authorization": f"Bearer {token}"}, 403),
     ]
     failed = 0
+    tls = ssl.create_default_context(cafile=str(CERTS / "ca.pem"))
     for method, path, headers, want in checks:
-        got = http_request(LISTENER, method, path, headers).status
+        got = http_request(LISTENER, method, path, headers, tls=tls).status
         print(f"{method} {path} -> {got} (want {want})")
         failed += got != want
     return 1 if failed else 0
@@ -80,7 +86,7 @@ def servers_only(key: KeyPair) -> int:
     (`docker compose stop`); Envoy runs elsewhere with envoy/envoy.yaml."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
-    base = f"http://127.0.0.1:{LISTENER}"
+    base = BASE
     try:
         print(
             f"""
@@ -90,11 +96,11 @@ phi-guard demo servers are up: JWKS http://127.0.0.1:{JWKS}/.well-known/jwks.jso
   TOKEN={mint(key, scope="read:patient-profile")}
 
   # allowed (200): scope read:patient-profile
-  curl -i -H "Authorization: Bearer $TOKEN" {base}/fhir/Patient/123
+  {CURL} -i -H "Authorization: Bearer $TOKEN" {base}/fhir/Patient/123
   # refused (401): no token
-  curl -i {base}/fhir/Patient/123
+  {CURL} -i {base}/fhir/Patient/123
   # refused (403): needs delete:lab-results
-  curl -i -X DELETE -H "Authorization: Bearer $TOKEN" {base}/labs/1
+  {CURL} -i -X DELETE -H "Authorization: Bearer $TOKEN" {base}/labs/1
 
   The token expires in 5 minutes. More tokens: python demo/mint.py --scope "delete:lab-results"
   (with docker compose: docker compose -f envoy/docker-compose.yaml exec demo-idp python demo/mint.py)
@@ -118,6 +124,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
+    make_certs(CERTS)
     key = KeyPair.rsa("RS256", kid=f"demo-{int(time.time())}")
     save_key(key)
     try:
@@ -144,7 +151,7 @@ def main() -> int:
         token = mint(key, scope="read:patient-profile")
         if args.smoke:
             return smoke(token)
-        base = f"http://127.0.0.1:{LISTENER}"
+        base = BASE
         print(
             f"""
 phi-guard demo is up: Envoy {base} -> upstream 127.0.0.1:{UPSTREAM}, JWKS 127.0.0.1:{JWKS}
@@ -152,11 +159,11 @@ phi-guard demo is up: Envoy {base} -> upstream 127.0.0.1:{UPSTREAM}, JWKS 127.0.
   TOKEN={token}
 
   # allowed (200): scope read:patient-profile
-  curl -i -H "Authorization: Bearer $TOKEN" {base}/fhir/Patient/123
+  {CURL} -i -H "Authorization: Bearer $TOKEN" {base}/fhir/Patient/123
   # refused (401): no token
-  curl -i {base}/fhir/Patient/123
+  {CURL} -i {base}/fhir/Patient/123
   # refused (403): needs delete:lab-results
-  curl -i -X DELETE -H "Authorization: Bearer $TOKEN" {base}/labs/1
+  {CURL} -i -X DELETE -H "Authorization: Bearer $TOKEN" {base}/labs/1
 
   More tokens: .venv/bin/python demo/mint.py --scope "delete:lab-results"
   Access log (with audit): /tmp/phi-guard-access.log. Ctrl-C stops everything.

@@ -47,6 +47,19 @@ pub enum Reason {
     InsufficientScope,
     StepUpRequired(StepUpFailure),
     Revoked,
+    /// A protected rule over plaintext or a TLS older than required.
+    InsecureTransport,
+    /// The token is bound (`cnf`) to a certificate or key the request does
+    /// not prove it holds, or is sent with the wrong scheme for its binding.
+    CnfMismatch,
+    /// The rule wants a sender-constrained token; this one is bearer-only.
+    SenderConstraintRequired,
+    /// A DPoP proof missing, malformed, mis-signed, stale, or for another request.
+    InvalidDpopProof,
+    /// A DPoP proof already used.
+    DpopReplay,
+    /// The token carries a forbidden (PHI) claim and the policy rejects such tokens.
+    PhiInToken,
     /// The authorization server says the token is not active (RFC 7662).
     Inactive,
     /// The source used up its budget of failed signature checks this second;
@@ -89,6 +102,12 @@ impl Reason {
             Reason::InsufficientScope => "insufficient_scope",
             Reason::StepUpRequired(_) => "step_up_required",
             Reason::Revoked => "revoked",
+            Reason::InsecureTransport => "insecure_transport",
+            Reason::CnfMismatch => "cnf_mismatch",
+            Reason::SenderConstraintRequired => "sender_constraint_required",
+            Reason::InvalidDpopProof => "invalid_dpop_proof",
+            Reason::DpopReplay => "dpop_replay",
+            Reason::PhiInToken => "phi_in_token",
             Reason::Inactive => "inactive",
             Reason::VerificationRateLimited => "verification_rate_limited",
             Reason::KeysUnavailable => "keys_unavailable",
@@ -99,7 +118,7 @@ impl Reason {
     }
 
     /// Every reason, for stats registration and tests.
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 35] = [
         Reason::Ok,
         Reason::BadPath,
         Reason::NoRule,
@@ -123,6 +142,12 @@ impl Reason {
         Reason::StepUpRequired(StepUpFailure::Amr),
         Reason::StepUpRequired(StepUpFailure::Age),
         Reason::Revoked,
+        Reason::InsecureTransport,
+        Reason::CnfMismatch,
+        Reason::SenderConstraintRequired,
+        Reason::InvalidDpopProof,
+        Reason::DpopReplay,
+        Reason::PhiInToken,
         Reason::Inactive,
         Reason::VerificationRateLimited,
         Reason::KeysUnavailable,
@@ -139,6 +164,9 @@ pub struct Challenge<'a> {
     pub scopes: &'a [String],
     pub acr_values: &'a [String],
     pub max_age: Option<u64>,
+    /// The request used the DPoP scheme or its token is DPoP-bound: token
+    /// errors are DPoP challenges naming these algorithms (RFC 9449 §7.1).
+    pub dpop_algs: Option<&'a str>,
 }
 
 /// A refusal as sent: status, optional `WWW-Authenticate`, short generic body.
@@ -154,6 +182,15 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
     let (status, www, body) = match reason {
         Reason::BadPath => (400, None, "bad request\n"),
         Reason::NoRule => (403, None, "forbidden\n"),
+        Reason::InsecureTransport => (403, None, "forbidden\n"),
+        Reason::InvalidDpopProof | Reason::DpopReplay => (
+            401,
+            Some(dpop_challenge(
+                "invalid_dpop_proof",
+                challenge.dpop_algs.unwrap_or(""),
+            )),
+            "invalid proof\n",
+        ),
         Reason::MissingToken => (
             401,
             Some(format!("Bearer realm=\"{realm}\"")),
@@ -205,10 +242,16 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
         | Reason::InvalidSignature
         | Reason::TokenTooOld
         | Reason::Revoked
+        | Reason::CnfMismatch
+        | Reason::SenderConstraintRequired
+        | Reason::PhiInToken
         | Reason::Inactive
         | Reason::VerificationRateLimited => (
             401,
-            Some("Bearer error=\"invalid_token\"".to_string()),
+            Some(match challenge.dpop_algs {
+                Some(algs) => dpop_challenge("invalid_token", algs),
+                None => "Bearer error=\"invalid_token\"".to_string(),
+            }),
             "invalid token\n",
         ),
     };
@@ -216,6 +259,15 @@ pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
         status,
         www_authenticate: www,
         body,
+    }
+}
+
+/// `DPoP error="…", algs="…"` (RFC 9449 §7.1); no `algs` when none is known.
+fn dpop_challenge(error: &str, algs: &str) -> String {
+    if algs.is_empty() {
+        format!("DPoP error=\"{error}\"")
+    } else {
+        format!("DPoP error=\"{error}\", algs=\"{algs}\"")
     }
 }
 
@@ -344,6 +396,12 @@ mod tests {
             Reason::RevocationUnavailable => 24,
             Reason::Inactive => 25,
             Reason::IntrospectionUnavailable => 26,
+            Reason::InsecureTransport => 27,
+            Reason::CnfMismatch => 28,
+            Reason::SenderConstraintRequired => 29,
+            Reason::InvalidDpopProof => 30,
+            Reason::DpopReplay => 31,
+            Reason::PhiInToken => 32,
         }
     }
 
@@ -363,7 +421,7 @@ mod tests {
         let mut seen: Vec<usize> = Reason::ALL.iter().map(|r| ordinal(*r)).collect();
         seen.sort_unstable();
         seen.dedup();
-        assert_eq!(seen, (0..=26).collect::<Vec<_>>());
+        assert_eq!(seen, (0..=32).collect::<Vec<_>>());
         // ... and the codes they give are exactly the README's.
         let mut ours: Vec<String> = Reason::ALL.iter().map(|r| r.code().to_owned()).collect();
         ours.sort_unstable();

@@ -52,6 +52,12 @@ pub struct AuditRecord {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
+    /// How the client proved possession of a bound token: `mtls` or `dpop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<String>,
+    /// Names (never values) of forbidden claims the token carried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phi_claims: Vec<String>,
     pub vm: String,
     pub seq: u64,
     pub chain: String,
@@ -88,6 +94,7 @@ impl AuditRecord {
             &mut self.acr,
             &mut self.source,
             &mut self.tls,
+            &mut self.binding,
         ]
         .into_iter()
         .flatten()
@@ -98,6 +105,7 @@ impl AuditRecord {
             &mut self.scopes_granted,
             &mut self.scopes_required,
             &mut self.amr,
+            &mut self.phi_claims,
         ] {
             list.truncate(MAX_ITEMS);
             list.iter_mut().for_each(clip_in_place);

@@ -71,6 +71,61 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     revocation: Option<RawRevocation>,
+    #[serde(default)]
+    transport: RawTransport,
+    #[serde(default)]
+    dpop: RawDpop,
+    #[serde(default = "defaults::forbidden_claims")]
+    forbidden_claims: Vec<String>,
+    #[serde(default)]
+    forbidden_claims_action: ForbiddenClaimsAction,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransport {
+    #[serde(default = "defaults::yes")]
+    require_tls: bool,
+    #[serde(default = "defaults::min_tls")]
+    min_tls_version: String,
+    #[serde(default)]
+    trusted_forwarded_proto: bool,
+}
+
+impl Default for RawTransport {
+    fn default() -> Self {
+        RawTransport {
+            require_tls: true,
+            min_tls_version: defaults::min_tls(),
+            trusted_forwarded_proto: false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDpop {
+    #[serde(default = "defaults::dpop_max_age")]
+    max_age_seconds: u64,
+}
+
+impl Default for RawDpop {
+    fn default() -> Self {
+        RawDpop {
+            max_age_seconds: defaults::dpop_max_age(),
+        }
+    }
+}
+
+/// What a token carrying a forbidden claim gets.
+#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ForbiddenClaimsAction {
+    /// 401 `invalid_token`, reason `phi_in_token`.
+    #[default]
+    Reject,
+    /// Allowed, the claim named in the audit record and counted.
+    Audit,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +268,10 @@ struct RawRule {
     #[serde(default)]
     sensitive: bool,
     #[serde(default)]
+    require_tls: Option<bool>,
+    #[serde(default)]
+    require_sender_constraint: bool,
+    #[serde(default)]
     introspect: bool,
     #[serde(default)]
     provider: Option<String>,
@@ -260,6 +319,30 @@ mod defaults {
     pub fn retry() -> u64 {
         1
     }
+    pub fn min_tls() -> String {
+        "TLSv1.2".into()
+    }
+    pub fn dpop_max_age() -> u64 {
+        60
+    }
+    /// OIDC standard claims that identify a person (OpenID Connect Core §5.1).
+    pub fn forbidden_claims() -> Vec<String> {
+        [
+            "name",
+            "given_name",
+            "family_name",
+            "middle_name",
+            "nickname",
+            "birthdate",
+            "address",
+            "phone_number",
+            "email",
+            "gender",
+            "picture",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
     pub fn revocation_refresh() -> u64 {
         5
     }
@@ -299,6 +382,14 @@ pub struct Policy {
     pub audit_hmac_key_env: Option<String>,
     /// Where the revocation list comes from, if one is used.
     pub revocation: Option<FetchSource>,
+    pub transport: Transport,
+    /// How old a DPoP proof may be.
+    pub dpop_max_age: u64,
+    /// Every provider's algorithms, space-separated: a DPoP challenge's `algs`.
+    pub dpop_algs: String,
+    /// Claims that must not be in a token (PHI, identity data).
+    pub forbidden_claims: Vec<String>,
+    pub forbidden_claims_action: ForbiddenClaimsAction,
     /// How often each VM writes its audit chain's head to Envoy's log.
     pub audit_checkpoint_seconds: u64,
 }
@@ -394,6 +485,38 @@ pub struct FetchSource {
     pub retry_seconds: u64,
 }
 
+/// TLS versions, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_0,
+    V1_1,
+    V1_2,
+    V1_3,
+}
+
+impl TlsVersion {
+    /// Parses Envoy's `connection.tls_version` (`TLSv1.2`, …), which is also
+    /// how `min_tls_version` is written.
+    pub fn parse(name: &str) -> Option<TlsVersion> {
+        match name {
+            "TLSv1" | "TLSv1.0" => Some(TlsVersion::V1_0),
+            "TLSv1.1" => Some(TlsVersion::V1_1),
+            "TLSv1.2" => Some(TlsVersion::V1_2),
+            "TLSv1.3" => Some(TlsVersion::V1_3),
+            _ => None,
+        }
+    }
+}
+
+/// What a protected request must have arrived over.
+#[derive(Debug, Clone, Copy)]
+pub struct Transport {
+    pub require_tls: bool,
+    pub min_tls_version: TlsVersion,
+    /// Takes `x-forwarded-proto: https` as TLS (a terminating balancer in front).
+    pub trusted_forwarded_proto: bool,
+}
+
 /// One access rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -408,6 +531,10 @@ pub struct Rule {
     pub step_up: Option<StepUp>,
     /// Fails closed (503) when the revocation list is older than it may be.
     pub sensitive: bool,
+    /// Overrides `transport.require_tls` for this rule.
+    pub require_tls: Option<bool>,
+    /// Only mTLS- or DPoP-bound tokens.
+    pub require_sender_constraint: bool,
     /// Set on an `introspect` rule: a token is also asked about at the
     /// authorization server before it is allowed.
     pub introspect: Option<Introspect>,
@@ -447,6 +574,26 @@ impl Rule {
 const MAX_SKEW: u64 = 300;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_TOKEN_CACHE: usize = 1_000_000;
+/// A DPoP proof older than ten minutes is no proof of anything recent.
+const MAX_DPOP_AGE: u64 = 600;
+/// Claims the decision reads: forbidding one would forbid every token.
+const NEEDED_CLAIMS: [&str; 15] = [
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "nbf",
+    "iat",
+    "jti",
+    "scope",
+    "scp",
+    "client_id",
+    "azp",
+    "acr",
+    "amr",
+    "auth_time",
+    "cnf",
+];
 /// More failures a second than a worker can check at all would bound nothing.
 const MAX_VERIFICATION_BUDGET: u32 = 100_000;
 /// An hour: a longer gap leaves too long a tail that no checkpoint vouches for.
@@ -617,8 +764,48 @@ impl Policy {
                 format!("must be 1..={MAX_CHECKPOINT_SECONDS}"),
             ));
         }
+        let min_tls_version = match TlsVersion::parse(&raw.transport.min_tls_version) {
+            Some(v @ (TlsVersion::V1_2 | TlsVersion::V1_3)) => v,
+            _ => {
+                return Err(err(
+                    "transport.min_tls_version",
+                    "must be \"TLSv1.2\" or \"TLSv1.3\"",
+                ))
+            }
+        };
+        if !(1..=MAX_DPOP_AGE).contains(&raw.dpop.max_age_seconds) {
+            return Err(err(
+                "dpop.max_age_seconds",
+                format!("must be 1..={MAX_DPOP_AGE}"),
+            ));
+        }
+        for (i, claim) in raw.forbidden_claims.iter().enumerate() {
+            let needed = NEEDED_CLAIMS.contains(&claim.as_str())
+                || raw.roles_claim.as_deref() == Some(claim.as_str());
+            if claim.is_empty() || needed {
+                return Err(err(
+                    format!("forbidden_claims[{i}]"),
+                    format!("{claim:?} is a claim phi-guard needs to decide"),
+                ));
+            }
+        }
+        let dpop_algs = Alg::ALL
+            .into_iter()
+            .filter(|a| providers.iter().any(|p| p.algorithms.contains(a)))
+            .map(Alg::name)
+            .collect::<Vec<_>>()
+            .join(" ");
         Ok(Policy {
             revocation,
+            transport: Transport {
+                require_tls: raw.transport.require_tls,
+                min_tls_version,
+                trusted_forwarded_proto: raw.transport.trusted_forwarded_proto,
+            },
+            dpop_max_age: raw.dpop.max_age_seconds,
+            dpop_algs,
+            forbidden_claims: raw.forbidden_claims,
+            forbidden_claims_action: raw.forbidden_claims_action,
             claims_to_headers,
             audit_checkpoint_seconds: raw.audit.checkpoint_seconds,
             roles_claim: raw.roles_claim,
@@ -637,6 +824,23 @@ impl Policy {
     }
 
     /// The provider whose `issuer` is exactly `iss`.
+    /// Said at every start when some protected rule takes plaintext:
+    /// weakening is spelled out, not only in the config.
+    pub fn plaintext_warning(&self) -> Option<String> {
+        let rules: Vec<&str> = self
+            .rules
+            .iter()
+            .filter(|r| !r.public && !r.require_tls.unwrap_or(self.transport.require_tls))
+            .map(|r| r.id.as_str())
+            .collect();
+        (!rules.is_empty()).then(|| {
+            format!(
+                "require_tls is false for rules {}: their tokens are accepted over plaintext, where anyone on the path can read and replay them",
+                rules.join(", ")
+            )
+        })
+    }
+
     pub fn provider_for_issuer(&self, iss: &str) -> Option<(usize, &Provider)> {
         self.providers
             .iter()
@@ -934,11 +1138,12 @@ fn compile_rule(
             || r.max_token_age_seconds.is_some()
             || r.step_up.is_some()
             || r.sensitive
+            || r.require_sender_constraint
             || r.introspect)
     {
         return Err(err(
             at("public"),
-            "a public rule cannot require scopes, token age or step-up, nor be sensitive or introspect",
+            "a public rule cannot require scopes, token age, step-up or a bound token, nor be sensitive or introspect",
         ));
     }
     let introspect = compile_introspect(r.introspect, r.provider.as_deref(), providers, at)?;
@@ -971,6 +1176,8 @@ fn compile_rule(
         max_token_age: r.max_token_age_seconds,
         step_up,
         sensitive: r.sensitive,
+        require_tls: r.require_tls,
+        require_sender_constraint: r.require_sender_constraint,
         introspect,
     })
 }

@@ -1,12 +1,13 @@
-//! One request's decision: path safety, rule, token, revocation,
-//! introspection, token age, scopes, step-up — in that order, each a value
-//! the host turns into an answer.
+//! One request's decision: path safety, rule, transport, token, revocation,
+//! forbidden claims, sender binding, introspection, token age, scopes,
+//! step-up — in that order, each a value the host turns into an answer.
 
 use std::rc::Rc;
 
 use crate::answer::{Challenge, Reason, StepUpFailure};
+use crate::binding::{self, Binding, Presented, ProofRules, Scheme};
 use crate::budget::VerificationBudget;
-use crate::config::{ForwardedClaim, Policy, Rule, StepUp};
+use crate::config::{ForbiddenClaimsAction, ForwardedClaim, Policy, Rule, StepUp, TlsVersion};
 use crate::fetch::Freshness;
 use crate::introspection::{self, IntrospectionCache, Outcome, TokenKey};
 use crate::jwks::KeySet;
@@ -24,6 +25,15 @@ pub struct Request<'a> {
     pub authorization: &'a [&'a str],
     /// The downstream address (Envoy's `source.address`), for the verification budget.
     pub source: Option<&'a str>,
+    /// Envoy's `connection.tls_version` (`TLSv1.3`); `None` over plaintext.
+    pub tls_version: Option<&'a str>,
+    /// `x-forwarded-proto`, taken only with `transport.trusted_forwarded_proto`.
+    pub forwarded_proto: Option<&'a str>,
+    /// `:scheme` and `:authority`: the URL a DPoP proof names.
+    pub scheme: &'a str,
+    pub authority: &'a str,
+    /// Every `DPoP` header value.
+    pub dpop: &'a [&'a str],
 }
 
 /// The outcome of [`decide`].
@@ -33,6 +43,8 @@ pub enum Verdict {
         rule: usize,
         /// The verified token (`None` on a public rule).
         token: Option<Rc<VerifiedToken>>,
+        /// How the client proved it holds what the token is bound to.
+        binding: Option<Binding>,
     },
     Deny {
         reason: Reason,
@@ -94,6 +106,10 @@ pub struct Facts<'a> {
     /// A provider's usable keys, if any.
     pub keys: &'a dyn Fn(usize) -> Option<&'a KeySet>,
     pub revocations: Revocations<'a>,
+    /// SHA-256 of the client certificate (hex), read when a token needs it.
+    pub peer_cert: &'a dyn Fn() -> Option<String>,
+    /// Records a DPoP proof's `jti` digest until a time; `false` if seen before.
+    pub dpop_first_use: &'a dyn Fn(&[u8; 32], i64) -> bool,
 }
 
 /// What the worker remembers from request to request.
@@ -176,13 +192,18 @@ pub fn decide(
         return Verdict::Allow {
             rule: index,
             token: None,
+            binding: None,
         };
     }
-    let bearer = match token::extract_bearer(req.authorization) {
-        Ok(b) => b,
+    // Before the token is even read: over plaintext it may have been seen.
+    if !transport_ok(policy, rule, req) {
+        return deny(Reason::InsecureTransport, Some(index), None);
+    }
+    let credentials = match token::extract_credentials(req.authorization) {
+        Ok(c) => c,
         Err(reason) => return deny(reason, Some(index), None),
     };
-    let Some(raw) = bearer else {
+    let Some((scheme, raw)) = credentials else {
         return deny(Reason::MissingToken, Some(index), None);
     };
     // A token in the query as well as the header: two credentials, read neither.
@@ -199,7 +220,10 @@ pub fn decide(
             Err(Held::Wait(wait)) => return Verdict::Wait(wait),
             Err(Held::Deny(reason)) => return deny(reason, Some(index), None),
         };
-        return revoked_or_authorized(policy, facts, rule, index, verified, now, may_wait);
+        let held = Presentation { scheme, raw };
+        return revoked_or_authorized(
+            policy, facts, req, rule, index, verified, now, may_wait, held,
+        );
     }
 
     let (cache, budget, keys) = (&mut state.cache, &mut state.budget, facts.keys);
@@ -263,6 +287,10 @@ pub fn decide(
         Err(RevocationCheck::Wait) => return Verdict::Wait(WaitFor::Revocations),
         Err(RevocationCheck::Deny(reason)) => return deny(reason, Some(index), Some(verified)),
     }
+    let bound = match possession(policy, facts, req, rule, &verified, scheme, raw, now) {
+        Ok(b) => b,
+        Err(reason) => return deny(reason, Some(index), Some(verified)),
+    };
     if let Some(introspect) = rule.introspect {
         // The rule trusts only providers that can be asked (the one it names).
         let askable = introspect.provider.is_none_or(|p| p == verified.provider)
@@ -280,22 +308,47 @@ pub fn decide(
             Err(Held::Deny(reason)) => return deny(reason, Some(index), Some(verified)),
         }
     }
-    authorized(policy, rule, index, verified, now)
+    authorized(policy, rule, index, verified, now, bound)
 }
 
-/// Revocation, then the per-rule checks, for a token known by its
-/// introspection answer.
+/// The credentials as presented: their scheme and the token.
+struct Presentation<'a> {
+    scheme: Scheme,
+    raw: &'a str,
+}
+
+/// Revocation, forbidden claims and sender binding, then the per-rule
+/// checks, for a token known by its introspection answer.
+#[allow(clippy::too_many_arguments)] // The decision's own inputs, passed on.
 fn revoked_or_authorized(
     policy: &Policy,
     facts: &Facts<'_>,
+    req: &Request<'_>,
     rule: &Rule,
     index: usize,
     verified: Rc<VerifiedToken>,
     now: i64,
     may_wait: bool,
+    held: Presentation<'_>,
 ) -> Verdict {
     match check_revocation(facts.revocations, rule, &verified, may_wait) {
-        Ok(()) => authorized(policy, rule, index, verified, now),
+        Ok(()) => match possession(
+            policy,
+            facts,
+            req,
+            rule,
+            &verified,
+            held.scheme,
+            held.raw,
+            now,
+        ) {
+            Ok(bound) => authorized(policy, rule, index, verified, now, bound),
+            Err(reason) => Verdict::Deny {
+                reason,
+                rule: Some(index),
+                token: Some(verified),
+            },
+        },
         Err(RevocationCheck::Wait) => Verdict::Wait(WaitFor::Revocations),
         Err(RevocationCheck::Deny(reason)) => Verdict::Deny {
             reason,
@@ -305,6 +358,52 @@ fn revoked_or_authorized(
     }
 }
 
+/// Forbidden claims, then proof that the client holds what the token is
+/// bound to (or a refusal where the rule wants a bound token).
+#[allow(clippy::too_many_arguments)] // The decision's own inputs, passed on.
+fn possession(
+    policy: &Policy,
+    facts: &Facts<'_>,
+    req: &Request<'_>,
+    rule: &Rule,
+    verified: &VerifiedToken,
+    scheme: Scheme,
+    raw: &str,
+    now: i64,
+) -> Result<Option<Binding>, Reason> {
+    if !verified.phi_claims.is_empty()
+        && policy.forbidden_claims_action == ForbiddenClaimsAction::Reject
+    {
+        return Err(Reason::PhiInToken);
+    }
+    let presented = Presented {
+        scheme,
+        dpop: req.dpop,
+        method: req.method,
+        url_scheme: req.scheme,
+        authority: req.authority,
+        path: req.path,
+        token: raw,
+        peer_cert: facts.peer_cert,
+    };
+    let proof_rules = ProofRules {
+        algorithms: policy
+            .providers
+            .get(verified.provider)
+            .map_or(&[], |p| p.algorithms.as_slice()),
+        max_age_seconds: policy.dpop_max_age,
+        clock_skew: policy.clock_skew,
+        now,
+        first_use: facts.dpop_first_use,
+    };
+    binding::check(
+        verified.cnf.as_ref(),
+        &presented,
+        &proof_rules,
+        rule.require_sender_constraint,
+    )
+}
+
 /// The verdict of the per-rule checks on a token that passed the others.
 fn authorized(
     policy: &Policy,
@@ -312,11 +411,13 @@ fn authorized(
     index: usize,
     verified: Rc<VerifiedToken>,
     now: i64,
+    binding: Option<Binding>,
 ) -> Verdict {
     match authorize(policy, rule, &verified, now) {
         Ok(()) => Verdict::Allow {
             rule: index,
             token: Some(verified),
+            binding,
         },
         Err(reason) => Verdict::Deny {
             reason,
@@ -356,6 +457,34 @@ fn introspected(
         None if may_wait => Err(Held::Wait(WaitFor::Introspection { provider, key })),
         None => Err(Held::Deny(Reason::IntrospectionUnavailable)),
     }
+}
+
+/// Whether the request arrived over TLS recent enough for `rule`: Envoy's
+/// `connection.tls_version`, or (trusted, behind a terminating balancer)
+/// `x-forwarded-proto: https`, which says nothing of the version.
+fn transport_ok(policy: &Policy, rule: &Rule, req: &Request<'_>) -> bool {
+    let t = &policy.transport;
+    if !rule.require_tls.unwrap_or(t.require_tls) {
+        return true;
+    }
+    if let Some(version) = req.tls_version {
+        return TlsVersion::parse(version).is_some_and(|v| v >= t.min_tls_version);
+    }
+    t.trusted_forwarded_proto
+        && req
+            .forwarded_proto
+            .is_some_and(|p| p.eq_ignore_ascii_case("https"))
+}
+
+/// Whether a refusal is answered with a DPoP challenge (RFC 9449 §7.1): the
+/// request used the DPoP scheme, its token is DPoP-bound, or its proof failed.
+pub fn is_dpop(req: &Request<'_>, reason: Reason, token: Option<&VerifiedToken>) -> bool {
+    matches!(reason, Reason::InvalidDpopProof | Reason::DpopReplay)
+        || token.is_some_and(|t| t.cnf.as_ref().is_some_and(|c| c.jkt.is_some()))
+        || matches!(
+            token::extract_credentials(req.authorization),
+            Ok(Some((Scheme::Dpop, _)))
+        )
 }
 
 enum RevocationCheck {
@@ -433,11 +562,16 @@ fn check_step_up(
     Ok(())
 }
 
-/// What a challenge for `rule` must name.
-pub fn challenge(rule: Option<&Rule>) -> Challenge<'_> {
+/// What a challenge for `rule` must name; `dpop_algs` when the request is a
+/// DPoP one (its scheme, its token's binding, or the refusal itself).
+pub fn challenge<'a>(rule: Option<&'a Rule>, dpop_algs: Option<&'a str>) -> Challenge<'a> {
     match rule {
-        None => Challenge::default(),
+        None => Challenge {
+            dpop_algs,
+            ..Challenge::default()
+        },
         Some(r) => Challenge {
+            dpop_algs,
             scopes: if r.scopes.is_empty() {
                 &r.scopes_any
             } else {
@@ -485,7 +619,10 @@ pub fn forwarded_headers<'p>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::answer;
     use crate::testkit::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
     use serde_json::json;
 
     struct Case<'a> {
@@ -501,12 +638,19 @@ mod tests {
             path: c.path,
             authorization: &auth,
             source: None,
+            tls_version: Some("TLSv1.3"),
+            forwarded_proto: None,
+            scheme: "https",
+            authority: "fhir.example.org",
+            dpop: &[],
         };
         decide(
             policy,
             &Facts {
                 keys: &|_| Some(&kit.keys),
                 revocations: Revocations::Off,
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
             },
             &mut State {
                 cache: TokenCache::new(0),
@@ -827,6 +971,309 @@ mod tests {
         );
     }
 
+    /// One request through `decide` with every transport and binding input
+    /// spelled out; the reason it gets (`Ok` for allow).
+    struct Wire<'a> {
+        path: &'a str,
+        auth: String,
+        tls: Option<&'a str>,
+        xfp: Option<&'a str>,
+        dpop: Vec<String>,
+        cert: Option<String>,
+    }
+
+    impl<'a> Wire<'a> {
+        fn new(path: &'a str, auth: String) -> Wire<'a> {
+            Wire {
+                path,
+                auth,
+                tls: Some("TLSv1.3"),
+                xfp: None,
+                dpop: vec![],
+                cert: None,
+            }
+        }
+
+        fn ask(
+            &self,
+            policy: &Policy,
+            kit: &Kit,
+            state: &mut State,
+            seen: &dyn Fn(&[u8; 32], i64) -> bool,
+        ) -> Option<Reason> {
+            let auth = [self.auth.as_str()];
+            let dpop: Vec<&str> = self.dpop.iter().map(String::as_str).collect();
+            let req = Request {
+                method: "GET",
+                path: self.path,
+                authorization: if self.auth.is_empty() { &[] } else { &auth },
+                source: None,
+                tls_version: self.tls,
+                forwarded_proto: self.xfp,
+                scheme: "https",
+                authority: "fhir.example.org",
+                dpop: &dpop,
+            };
+            let cert = || self.cert.clone();
+            let keys = |_: usize| Some(&kit.keys);
+            let facts = Facts {
+                keys: &keys,
+                revocations: Revocations::Off,
+                peer_cert: &cert,
+                dpop_first_use: seen,
+            };
+            reason(&decide(
+                policy,
+                &facts,
+                state,
+                &req,
+                NOW,
+                false,
+                &mut Trace::default(),
+            ))
+        }
+    }
+
+    #[test]
+    fn transport_is_checked_before_the_token() {
+        let kit = Kit::new();
+        let good = format!("Bearer {}", kit.es256.sign(&kit.claims(), &[]));
+        let policy_for = |transport: serde_json::Value| {
+            kit.policy_with(|d| {
+                d["rules"] = json!(rules());
+                d["rules"][1]["require_tls"] = json!(false);
+                d["rules"].as_array_mut().unwrap().push(json!({"id": "docs-tls", "path": "/tls/{x}", "scopes": ["read:patient-profile"], "require_tls": true}));
+                d["transport"] = transport;
+            })
+        };
+        let default = policy_for(json!({}));
+        let strict = policy_for(json!({"min_tls_version": "TLSv1.3"}));
+        let relaxed = policy_for(json!({"require_tls": false}));
+        let behind_lb = policy_for(json!({"trusted_forwarded_proto": true}));
+        let mut state = State::default();
+        let yes = |_: &[u8; 32], _: i64| true;
+        let ok = Some(Reason::Ok);
+        let insecure = Some(Reason::InsecureTransport);
+        let case = |path: &'static str,
+                    tls: Option<&'static str>,
+                    xfp: Option<&'static str>,
+                    auth: &str| Wire {
+            tls,
+            xfp,
+            ..Wire::new(path, auth.to_string())
+        };
+        for (policy, wire, want) in [
+            (
+                &default,
+                case("/docs/a", Some("TLSv1.3"), None, &good),
+                Some(Reason::InsufficientScope),
+            ),
+            (&default, case("/tls/a", Some("TLSv1.2"), None, &good), ok),
+            (
+                &default,
+                case("/tls/a", Some("TLSv1.1"), None, &good),
+                insecure,
+            ),
+            (&default, case("/tls/a", None, None, &good), insecure),
+            // No token needed to be refused: it is not even read.
+            (&default, case("/tls/a", None, None, ""), insecure),
+            (
+                &default,
+                case("/tls/a", None, None, "Bearer garbage"),
+                insecure,
+            ),
+            (
+                &default,
+                case("/tls/a", Some("bogus"), None, &good),
+                insecure,
+            ),
+            (
+                &default,
+                case("/tls/a", None, Some("https"), &good),
+                insecure,
+            ),
+            (
+                &strict,
+                case("/tls/a", Some("TLSv1.2"), None, &good),
+                insecure,
+            ),
+            (&strict, case("/tls/a", Some("TLSv1.3"), None, &good), ok),
+            // A rule may relax it (rule 1 is patient-read), or demand it where the policy does not.
+            (&default, case("/fhir/Patient/1", None, None, &good), ok),
+            (
+                &relaxed,
+                case("/labs/1", None, None, &good),
+                Some(Reason::NoRule),
+            ),
+            (&relaxed, case("/tls/a", None, None, &good), insecure),
+            // Public rules are exempt.
+            (&default, case("/healthz", None, None, ""), ok),
+            // x-forwarded-proto only when trusted, and only "https".
+            (&behind_lb, case("/tls/a", None, Some("https"), &good), ok),
+            (&behind_lb, case("/tls/a", None, Some("HTTPS"), &good), ok),
+            (
+                &behind_lb,
+                case("/tls/a", None, Some("http"), &good),
+                insecure,
+            ),
+            (
+                &behind_lb,
+                case("/tls/a", Some("TLSv1.1"), Some("https"), &good),
+                insecure,
+            ),
+        ] {
+            assert_eq!(
+                wire.ask(policy, &kit, &mut state, &yes),
+                want,
+                "{} {:?} {:?}",
+                wire.path,
+                wire.tls,
+                wire.xfp
+            );
+        }
+    }
+
+    #[test]
+    fn forbidden_claims_are_refused_or_flagged() {
+        let kit = Kit::new();
+        let mut claims = kit.claims();
+        claims["email"] = json!("jane@example.org");
+        claims["mrn"] = json!("12345");
+        let token = format!("Bearer {}", kit.es256.sign(&claims, &[]));
+        let clean = format!("Bearer {}", kit.es256.sign(&kit.claims(), &[]));
+        let yes = |_: &[u8; 32], _: i64| true;
+        let reject = kit.policy(&rules());
+        let mut state = State::default();
+        let wire = Wire::new("/fhir/Patient/1", token.clone());
+        assert_eq!(
+            wire.ask(&reject, &kit, &mut state, &yes),
+            Some(Reason::PhiInToken)
+        );
+        // From the cache too.
+        assert_eq!(
+            wire.ask(&reject, &kit, &mut state, &yes),
+            Some(Reason::PhiInToken)
+        );
+        assert_eq!(
+            Wire::new("/fhir/Patient/1", clean).ask(&reject, &kit, &mut state, &yes),
+            Some(Reason::Ok)
+        );
+        let audit = kit.policy_with(|d| {
+            d["rules"] = json!(rules());
+            d["forbidden_claims_action"] = json!("audit");
+            d["forbidden_claims"] = json!(["email", "mrn", "ssn"]);
+        });
+        let mut state = State::default();
+        assert_eq!(wire.ask(&audit, &kit, &mut state, &yes), Some(Reason::Ok));
+        let names = {
+            let auth = [token.as_str()];
+            let req = Request {
+                method: "GET",
+                path: "/fhir/Patient/1",
+                authorization: &auth,
+                source: None,
+                tls_version: Some("TLSv1.3"),
+                forwarded_proto: None,
+                scheme: "https",
+                authority: "fhir.example.org",
+                dpop: &[],
+            };
+            let keys = |_: usize| Some(&kit.keys);
+            let facts = Facts {
+                keys: &keys,
+                revocations: Revocations::Off,
+                peer_cert: &|| None,
+                dpop_first_use: &yes,
+            };
+            match decide(
+                &audit,
+                &facts,
+                &mut state,
+                &req,
+                NOW,
+                false,
+                &mut Trace::default(),
+            ) {
+                Verdict::Allow { token: Some(t), .. } => t.phi_claims.clone(),
+                v => panic!("{v:?}"),
+            }
+        };
+        assert_eq!(names, ["email", "mrn"]);
+    }
+
+    #[test]
+    fn sender_constrained_tokens_through_the_decision() {
+        let kit = Kit::new();
+        let holder = Signer::es256("holder", 11);
+        let (_, jkt) = crate::jwks::client_key(&holder.jwk()).unwrap();
+        let mut claims = kit.claims();
+        claims["cnf"] = json!({ "jkt": jkt });
+        let bound = kit.rs256.sign(&claims, &[]);
+        let bearer = kit.rs256.sign(&kit.claims(), &[]);
+        let policy = kit.policy_with(|d| {
+            d["rules"] = json!(rules());
+            d["rules"][1]["require_sender_constraint"] = json!(true);
+        });
+        let seen = std::cell::RefCell::new(std::collections::HashSet::new());
+        let first = |jti: &[u8; 32], _: i64| seen.borrow_mut().insert(*jti);
+        let proof = |n: u32| {
+            holder.sign(
+                &json!({"jti": format!("p{n}"), "htm": "GET", "htu": "https://fhir.example.org/fhir/Patient/1",
+                        "iat": NOW, "ath": URL_SAFE_NO_PAD.encode(crate::token::sha256(bound.as_bytes()))}),
+                &[("typ", json!("dpop+jwt")), ("jwk", holder.jwk())],
+            )
+        };
+        let mut state = State::default();
+        let dpop = |n: u32| Wire {
+            dpop: vec![proof(n)],
+            ..Wire::new("/fhir/Patient/1", format!("DPoP {bound}"))
+        };
+        assert_eq!(
+            dpop(1).ask(&policy, &kit, &mut state, &first),
+            Some(Reason::Ok)
+        );
+        // Cached now, and still held to a fresh proof each time.
+        assert_eq!(
+            dpop(1).ask(&policy, &kit, &mut state, &first),
+            Some(Reason::DpopReplay)
+        );
+        assert_eq!(
+            dpop(2).ask(&policy, &kit, &mut state, &first),
+            Some(Reason::Ok)
+        );
+        let no_proof = Wire::new("/fhir/Patient/1", format!("DPoP {bound}"));
+        assert_eq!(
+            no_proof.ask(&policy, &kit, &mut state, &first),
+            Some(Reason::InvalidDpopProof)
+        );
+        let as_bearer = Wire {
+            dpop: vec![proof(3)],
+            ..Wire::new("/fhir/Patient/1", format!("Bearer {bound}"))
+        };
+        assert_eq!(
+            as_bearer.ask(&policy, &kit, &mut state, &first),
+            Some(Reason::CnfMismatch)
+        );
+        // A bearer token where the rule demands a bound one.
+        let plain = Wire::new("/fhir/Patient/1", format!("Bearer {bearer}"));
+        assert_eq!(
+            plain.ask(&policy, &kit, &mut state, &first),
+            Some(Reason::SenderConstraintRequired)
+        );
+        // Refusals over the DPoP scheme are DPoP challenges naming the algorithms.
+        let www = answer::deny(
+            Reason::InvalidDpopProof,
+            "r",
+            challenge(None, Some(&policy.dpop_algs)),
+        )
+        .www_authenticate
+        .unwrap();
+        assert_eq!(
+            www,
+            "DPoP error=\"invalid_dpop_proof\", algs=\"RS256 PS256 ES256 ES384 EdDSA\""
+        );
+    }
+
     /// A source's failed signatures use up its budget; then its uncached
     /// tokens, good ones too, are refused unchecked, while cached tokens,
     /// other sources, cheaper refusals and the next second are unaffected.
@@ -848,12 +1295,19 @@ mod tests {
                 path: "/fhir/Patient/1",
                 authorization: &auth,
                 source: Some(source),
+                tls_version: Some("TLSv1.3"),
+                forwarded_proto: None,
+                scheme: "https",
+                authority: "fhir.example.org",
+                dpop: &[],
             };
             let v = decide(
                 &policy,
                 &Facts {
                     keys: &keys,
                     revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut state,
                 &req,
@@ -918,12 +1372,19 @@ mod tests {
                 path: "/fhir/Patient/1",
                 authorization: &auth,
                 source: Some(a),
+                tls_version: Some("TLSv1.3"),
+                forwarded_proto: None,
+                scheme: "https",
+                authority: "fhir.example.org",
+                dpop: &[],
             };
             let v = decide(
                 &policy,
                 &Facts {
                     keys: &keys,
                     revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut off,
                 &req,
@@ -967,10 +1428,17 @@ mod tests {
                 path,
                 authorization: &auth,
                 source: None,
+                tls_version: Some("TLSv1.3"),
+                forwarded_proto: None,
+                scheme: "https",
+                authority: "fhir.example.org",
+                dpop: &[],
             };
             let facts = Facts {
                 keys: &keys,
                 revocations,
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
             };
             let v = decide(
                 &policy,
@@ -1040,10 +1508,17 @@ mod tests {
                 path,
                 authorization: &auth,
                 source: None,
+                tls_version: Some("TLSv1.3"),
+                forwarded_proto: None,
+                scheme: "https",
+                authority: "fhir.example.org",
+                dpop: &[],
             };
             let facts = Facts {
                 keys: &keys,
                 revocations: Revocations::Fresh(&list),
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
             };
             let mut trace = Trace::default();
             let v = decide(&policy, &facts, state, &req, NOW, may_wait, &mut trace);
@@ -1246,10 +1721,17 @@ mod tests {
                 path,
                 authorization: &auth,
                 source: None,
+                tls_version: Some("TLSv1.3"),
+                forwarded_proto: None,
+                scheme: "https",
+                authority: "fhir.example.org",
+                dpop: &[],
             };
             let facts = Facts {
                 keys: &keys,
                 revocations: Revocations::Off,
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
             };
             decide(
                 &policy,
@@ -1301,6 +1783,11 @@ mod tests {
             path: "/fhir/Patient/1",
             authorization: &auth,
             source: None,
+            tls_version: Some("TLSv1.3"),
+            forwarded_proto: None,
+            scheme: "https",
+            authority: "fhir.example.org",
+            dpop: &[],
         };
         let mut state = State {
             cache: TokenCache::new(10),
@@ -1314,7 +1801,9 @@ mod tests {
                 &policy,
                 &Facts {
                     keys: &no_keys,
-                    revocations: Revocations::Off
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut state,
                 &req,
@@ -1332,6 +1821,8 @@ mod tests {
             &Facts {
                 keys: &no_keys,
                 revocations: Revocations::Off,
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
             },
             &mut state,
             &req,
@@ -1346,7 +1837,9 @@ mod tests {
                 &policy,
                 &Facts {
                     keys: &keys,
-                    revocations: Revocations::Off
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut state,
                 &req,
@@ -1364,7 +1857,9 @@ mod tests {
                 &policy,
                 &Facts {
                     keys: &no_keys,
-                    revocations: Revocations::Off
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut state,
                 &req,
@@ -1383,7 +1878,9 @@ mod tests {
                 &policy,
                 &Facts {
                     keys: &no_keys,
-                    revocations: Revocations::Off
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut state,
                 &req,
@@ -1399,7 +1896,9 @@ mod tests {
                 &policy,
                 &Facts {
                     keys: &keys,
-                    revocations: Revocations::Off
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut state,
                 &req,
@@ -1415,7 +1914,9 @@ mod tests {
                 &policy,
                 &Facts {
                     keys: &keys,
-                    revocations: Revocations::Off
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut state,
                 &req,
@@ -1440,7 +1941,9 @@ mod tests {
                 &policy,
                 &Facts {
                     keys: &keys,
-                    revocations: Revocations::Off
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut state,
                 &req,
@@ -1458,7 +1961,9 @@ mod tests {
                 &policy,
                 &Facts {
                     keys: &keys,
-                    revocations: Revocations::Off
+                    revocations: Revocations::Off,
+                    peer_cert: &|| None,
+                    dpop_first_use: &|_, _| true,
                 },
                 &mut state,
                 &req,
@@ -1490,12 +1995,12 @@ mod tests {
                 ("x-phi-scopes", "read:patient-profile".to_string())
             ]
         );
-        let ch = challenge(Some(&policy.rules[5]));
+        let ch = challenge(Some(&policy.rules[5]), None);
         assert_eq!(ch.scopes, ["export:bulk"]);
         assert_eq!(ch.acr_values, ["urn:mfa", "urn:hw"]);
         assert_eq!(ch.max_age, Some(300));
         assert_eq!(
-            challenge(Some(&policy.rules[4])).scopes,
+            challenge(Some(&policy.rules[4]), None).scopes,
             ["docs:read", "docs:admin"]
         );
     }
@@ -1542,12 +2047,19 @@ mod hostile {
             path,
             authorization: auth,
             source: None,
+            tls_version: Some("TLSv1.3"),
+            forwarded_proto: None,
+            scheme: "https",
+            authority: "fhir.example.org",
+            dpop: &[],
         };
         decide(
             &f.policy,
             &Facts {
                 keys: &|_| Some(&f.kit.keys),
                 revocations: Revocations::Off,
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
             },
             &mut State {
                 cache: TokenCache::new(0),
@@ -1968,12 +2480,19 @@ mod modelled {
             path: &path,
             authorization: &auth,
             source: None,
+            tls_version: Some("TLSv1.3"),
+            forwarded_proto: None,
+            scheme: "https",
+            authority: "fhir.example.org",
+            dpop: &[],
         };
         let verdict = decide(
             &f.policy,
             &Facts {
                 keys: &|_| Some(&f.kit.keys),
                 revocations: Revocations::Off,
+                peer_cert: &|| None,
+                dpop_first_use: &|_, _| true,
             },
             &mut State::default(),
             &req,

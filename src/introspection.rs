@@ -258,6 +258,17 @@ pub fn judge(
         scopes: GrantedScopes::new(c.scope.as_deref(), &[], &roles, policy.deny_wildcard_scopes),
         fingerprint: token::fingerprint(token),
         revocation_checked: Default::default(),
+        // RFC 8705 §3.2, RFC 9449 §6.2: an answer may say what the token is bound to.
+        cnf: c
+            .other
+            .get("cnf")
+            .and_then(|v| serde_json::from_value(v.clone()).ok()),
+        phi_claims: policy
+            .forbidden_claims
+            .iter()
+            .filter(|name| c.other.contains_key(name.as_str()))
+            .cloned()
+            .collect(),
     }))
 }
 

@@ -62,6 +62,73 @@ struct RawKey {
     d: Option<serde::de::IgnoredAny>,
 }
 
+impl RawKey {
+    /// The public key, `None` for a type or curve phi-guard does not use.
+    fn public_key(&self) -> Result<Option<PublicKey>, String> {
+        Ok(Some(match self.kty.as_deref() {
+            Some("RSA") => {
+                let n = field(&self.n, "n")?;
+                let e = field(&self.e, "e")?;
+                PublicKey::rsa(&n, &e).map_err(|e| e.to_string())?
+            }
+            Some("EC") => {
+                let kind = match self.crv.as_deref() {
+                    Some("P-256") => KeyKind::P256,
+                    Some("P-384") => KeyKind::P384,
+                    _ => return Ok(None),
+                };
+                let x = field(&self.x, "x")?;
+                let y = field(&self.y, "y")?;
+                PublicKey::ec(kind, &x, &y).map_err(|e| e.to_string())?
+            }
+            Some("OKP") => {
+                if self.crv.as_deref() != Some("Ed25519") {
+                    return Ok(None);
+                }
+                let x = field(&self.x, "x")?;
+                PublicKey::ed25519(&x).map_err(|e| e.to_string())?
+            }
+            Some(_) => return Ok(None),
+            None => return Err("no kty".into()),
+        }))
+    }
+
+    /// The RFC 7638 thumbprint input: the key type's required members, in
+    /// lexicographic order, no whitespace.
+    fn thumbprint_input(&self) -> Option<String> {
+        let s = |v: &Option<String>| serde_json::to_string(v.as_deref()?).ok();
+        Some(match self.kty.as_deref()? {
+            "RSA" => format!(r#"{{"e":{},"kty":"RSA","n":{}}}"#, s(&self.e)?, s(&self.n)?),
+            "EC" => format!(
+                r#"{{"crv":{},"kty":"EC","x":{},"y":{}}}"#,
+                s(&self.crv)?,
+                s(&self.x)?,
+                s(&self.y)?
+            ),
+            "OKP" => format!(
+                r#"{{"crv":{},"kty":"OKP","x":{}}}"#,
+                s(&self.crv)?,
+                s(&self.x)?
+            ),
+            _ => return None,
+        })
+    }
+}
+
+/// A key a client sent along (a DPoP proof's `jwk` header), checked as a
+/// published one would be, and its RFC 7638 SHA-256 thumbprint (base64url).
+/// A private key is refused: a client that leaks its own is not one to trust.
+pub fn client_key(jwk: &serde_json::Value) -> Result<(PublicKey, String), String> {
+    let raw: RawKey = serde_json::from_value(jwk.clone()).map_err(|e| e.to_string())?;
+    if raw.d.is_some() {
+        return Err("private key material in the jwk".into());
+    }
+    let key = raw.public_key()?.ok_or("unsupported key type or curve")?;
+    let input = raw.thumbprint_input().ok_or("unsupported key type")?;
+    let thumbprint = URL_SAFE_NO_PAD.encode(crate::token::sha256(input.as_bytes()));
+    Ok((key, thumbprint))
+}
+
 /// A key ready to verify: its id, the algorithm it is bound to (from JWK `alg`,
 /// when the publisher stated one), and the key.
 #[derive(Debug)]
@@ -120,31 +187,9 @@ impl KeySet {
                     _ => continue,
                 },
             };
-            let public = match key.kty.as_deref() {
-                Some("RSA") => {
-                    let n = field(&key.n, "n").map_err(bad)?;
-                    let e = field(&key.e, "e").map_err(bad)?;
-                    PublicKey::rsa(&n, &e).map_err(|e| bad(e.to_string()))?
-                }
-                Some("EC") => {
-                    let kind = match key.crv.as_deref() {
-                        Some("P-256") => KeyKind::P256,
-                        Some("P-384") => KeyKind::P384,
-                        _ => continue,
-                    };
-                    let x = field(&key.x, "x").map_err(bad)?;
-                    let y = field(&key.y, "y").map_err(bad)?;
-                    PublicKey::ec(kind, &x, &y).map_err(|e| bad(e.to_string()))?
-                }
-                Some("OKP") => {
-                    if key.crv.as_deref() != Some("Ed25519") {
-                        continue;
-                    }
-                    let x = field(&key.x, "x").map_err(bad)?;
-                    PublicKey::ed25519(&x).map_err(|e| bad(e.to_string()))?
-                }
-                Some(_) => continue,
-                None => return Err(bad("no kty".into())),
+            let public = match key.public_key().map_err(bad)? {
+                Some(public) => public,
+                None => continue,
             };
             if let Some(alg) = alg {
                 if alg.key_kind() != public.kind() {

@@ -7,6 +7,7 @@
 
 pub mod answer;
 pub mod audit;
+pub mod binding;
 pub mod budget;
 pub mod config;
 pub mod crypto;

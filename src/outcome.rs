@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use crate::answer::Reason;
 use crate::audit::{self, AuditRecord};
+use crate::binding::Binding;
 use crate::config::{Policy, Rule};
 use crate::decision::{self, Request, Verdict, WaitFor};
 use crate::token::{self, VerifiedToken};
@@ -16,7 +17,7 @@ use crate::token::{self, VerifiedToken};
 /// what it waited for being unavailable.
 pub fn settle(verdict: &Verdict) -> (Reason, Option<usize>, Option<Rc<VerifiedToken>>) {
     match verdict {
-        Verdict::Allow { rule, token } => (Reason::Ok, Some(*rule), token.clone()),
+        Verdict::Allow { rule, token, .. } => (Reason::Ok, Some(*rule), token.clone()),
         Verdict::Deny {
             reason,
             rule,
@@ -72,6 +73,8 @@ pub struct Seen<'a> {
     pub request_id: Option<&'a str>,
     /// The connection's TLS version, if any.
     pub tls: Option<String>,
+    /// How the client proved possession of a bound token, if it did.
+    pub binding: Option<Binding>,
 }
 
 /// The audit record of a decision, before the status and chain are known.
@@ -87,15 +90,18 @@ pub fn draft(
         req,
         request_id,
         tls,
+        binding,
     } = seen;
     let token_fp = match (token, rule) {
         (Some(t), _) => Some(t.fingerprint.clone()),
-        // A public rule ignores any token, so the record does not name one.
+        // A public rule ignores any token, so the record does not name one;
+        // one sent over plaintext may have been seen, and is not named either.
         (None, Some(r)) if r.public => None,
-        (None, _) => token::extract_bearer(req.authorization)
+        (None, _) if reason == Reason::InsecureTransport => None,
+        (None, _) => token::extract_credentials(req.authorization)
             .ok()
             .flatten()
-            .map(token::fingerprint),
+            .map(|(_, t)| token::fingerprint(t)),
     };
     let mut r = AuditRecord {
         ts: audit::rfc3339_millis(now_ms.saturating_mul(1_000_000)),
@@ -131,7 +137,10 @@ pub fn draft(
         acr: token.and_then(|t| t.acr.clone()),
         amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
         source: req.source.map(str::to_owned),
-        tls,
+        // Always there: "none" says plaintext as plainly as a version says TLS.
+        tls: Some(tls.unwrap_or_else(|| "none".to_string())),
+        binding: binding.map(|b| b.code().to_string()),
+        phi_claims: token.map(|t| t.phi_claims.clone()).unwrap_or_default(),
         vm: String::new(),
         seq: 0,
         chain: String::new(),

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::answer::Reason;
+use crate::binding::{Cnf, Scheme};
 use crate::config::{Policy, Provider};
 use crate::crypto::{self, Alg};
 use crate::jwks::{KeyMiss, KeySet};
@@ -25,6 +26,14 @@ pub const MAX_AUTHORIZATION_BYTES: usize = 8 * 1024;
 /// credential with a space in it are refused as `invalid_request`: a request
 /// that could be read two ways is not read at all.
 pub fn extract_bearer<'a>(values: &[&'a str]) -> Result<Option<&'a str>, Reason> {
+    Ok(extract_credentials(values)?
+        .filter(|(scheme, _)| *scheme == Scheme::Bearer)
+        .map(|(_, token)| token))
+}
+
+/// The access token of a request and its scheme: `Bearer` (RFC 6750) or
+/// `DPoP` (RFC 9449 §7.1), read as [`extract_bearer`] reads a bearer token.
+pub fn extract_credentials<'a>(values: &[&'a str]) -> Result<Option<(Scheme, &'a str)>, Reason> {
     let value = match values {
         [] => return Ok(None),
         [one] => *one,
@@ -42,9 +51,13 @@ pub fn extract_bearer<'a>(values: &[&'a str]) -> Result<Option<&'a str>, Reason>
         return Ok(None);
     };
     let (scheme, rest) = value.split_at(at);
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+        Scheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Scheme::Dpop
+    } else {
         return Ok(None);
-    }
+    };
     let token = rest.trim_start_matches([' ', '\t']);
     if token.is_empty() {
         return Ok(None);
@@ -52,7 +65,7 @@ pub fn extract_bearer<'a>(values: &[&'a str]) -> Result<Option<&'a str>, Reason>
     if token.bytes().any(|b| blank(&b) || b == b',') {
         return Err(Reason::InvalidRequest);
     }
-    Ok(Some(token))
+    Ok(Some((scheme, token)))
 }
 
 /// Whether `token` has the shape of a JWS in compact serialisation: three
@@ -99,6 +112,10 @@ pub struct VerifiedToken {
     /// clean (0: none): a cached token is not looked up again until the
     /// list changes.
     pub revocation_checked: std::cell::Cell<u64>,
+    /// What the token is bound to (RFC 8705, RFC 9449), if anything.
+    pub cnf: Option<Cnf>,
+    /// Names (never values) of the forbidden claims it carries.
+    pub phi_claims: Vec<String>,
 }
 
 /// The header members phi-guard reads besides `alg`, `kid` and `typ`.
@@ -139,7 +156,9 @@ struct RawClaims {
     acr: Option<String>,
     amr: Option<Vec<String>>,
     auth_time: Option<i64>,
-    /// Everything else; read only for the configured roles claim.
+    cnf: Option<Cnf>,
+    /// Everything else; read only for the configured roles claim and the
+    /// names of forbidden claims.
     #[serde(flatten)]
     other: BTreeMap<String, serde_json::Value>,
 }
@@ -243,6 +262,12 @@ pub fn verify_within_budget<'k>(
 
     let c = claims.custom;
     let roles = role_scopes(policy, &c.other);
+    let phi_claims = policy
+        .forbidden_claims
+        .iter()
+        .filter(|name| c.other.contains_key(name.as_str()))
+        .cloned()
+        .collect();
     let scp: Vec<String> = c
         .scp
         .as_ref()
@@ -267,6 +292,8 @@ pub fn verify_within_budget<'k>(
         iat,
         fingerprint: fingerprint(token),
         revocation_checked: Default::default(),
+        cnf: c.cnf,
+        phi_claims,
     })
 }
 

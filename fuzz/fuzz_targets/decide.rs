@@ -17,13 +17,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use phi_guard::answer::{deny, Reason};
+use phi_guard::budget::VerificationBudget;
 use phi_guard::decision::{
     challenge, decide, forwarded_headers, Facts, Request, Revocations, State, Trace, Verdict,
     WaitFor,
 };
 use phi_guard::rules::SafePath;
 use phi_guard::token::{extract_bearer, TokenCache};
-use phi_guard::budget::VerificationBudget;
 use phi_guard_fuzz::{fixture, NOW};
 
 fuzz_target!(|data: &[u8]| {
@@ -43,11 +43,18 @@ fuzz_target!(|data: &[u8]| {
         path,
         authorization: &authorization,
         source: Some("192.0.2.1:4000"),
+        tls_version: Some("TLSv1.3"),
+        forwarded_proto: None,
+        scheme: "https",
+        authority: "fhir.example.org",
+        dpop: &[],
     };
     let keys = |_: usize| (!no_keys).then_some(&f.keys);
     let facts = Facts {
         keys: &keys,
         revocations: Revocations::Off,
+        peer_cert: &|| None,
+        dpop_first_use: &|_, _| true,
     };
     let mut state = State {
         cache: TokenCache::new(4),
@@ -91,7 +98,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     match &first {
-        Verdict::Allow { rule, token } => {
+        Verdict::Allow { rule, token, .. } => {
             let rule = policy.rules.get(*rule).expect("rule index");
             match token {
                 None => assert!(rule.public, "{} allowed without a token", rule.id),
@@ -113,7 +120,11 @@ fuzz_target!(|data: &[u8]| {
         }
         Verdict::Deny { reason, rule, .. } => {
             let rule = rule.and_then(|i| policy.rules.get(i));
-            let answer = deny(*reason, &policy.realm, challenge(rule));
+            let answer = deny(
+                *reason,
+                &policy.realm,
+                challenge(rule, Some(&policy.dpop_algs)),
+            );
             assert!((400..600).contains(&answer.status));
             if let Some(www) = answer.www_authenticate {
                 assert!(!www.chars().any(char::is_control), "{www:?}");

@@ -9,6 +9,7 @@ use proxy_wasm::types::{Action, MapType};
 
 use crate::answer::{self, Reason};
 use crate::audit::AuditRecord;
+use crate::binding::Binding;
 use crate::config::Policy;
 use crate::decision::{self, Request, Trace, Verdict, WaitFor};
 use crate::outcome;
@@ -34,6 +35,16 @@ pub struct Pending {
     request_id: Option<String>,
     /// Envoy's `source.address`: the verification budget's key and the record's `source`.
     source: Option<String>,
+    /// Envoy's `connection.tls_version`; `None` over plaintext.
+    tls: Option<String>,
+    /// `:scheme`, `:authority`, `x-forwarded-proto` and every `DPoP` header:
+    /// what transport and sender-binding checks read.
+    scheme: String,
+    authority: String,
+    forwarded_proto: Option<String>,
+    dpop: Vec<String>,
+    /// How the client proved possession of its token's key or certificate.
+    binding: Option<Binding>,
     record: Option<AuditRecord>,
     sealed: bool,
     paused: bool,
@@ -78,12 +89,17 @@ impl HttpContext for Filter {
         let mut w = worker.borrow_mut();
         let mut p = self.pending.borrow_mut();
         let headers = abi::header_pairs(MapType::HttpRequestHeaders).unwrap_or_default();
+        let trust_xfp = w.policy.transport.trusted_forwarded_proto;
         let Pending {
             method,
             path,
             authorization,
             request_id,
             spoofed,
+            scheme,
+            authority,
+            forwarded_proto,
+            dpop,
             ..
         } = &mut *p;
         // Values may hold any byte but NUL/CR/LF; lossy text is safe here: a
@@ -95,10 +111,15 @@ impl HttpContext for Filter {
                 b":path" => *path = text(value),
                 b"authorization" => authorization.push(text(value)),
                 b"x-request-id" => *request_id = String::from_utf8(value.to_vec()).ok(),
+                b":scheme" => *scheme = text(value),
+                b":authority" => *authority = text(value),
+                b"dpop" => dpop.push(text(value)),
+                b"x-forwarded-proto" if trust_xfp => *forwarded_proto = Some(text(value)),
                 other => *spoofed |= outcome::is_identity_header(&w.policy, other),
             }
         }
         p.source = property_string(&["source", "address"]);
+        p.tls = property_string(&["connection", "tls_version"]);
         decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
     }
 
@@ -157,11 +178,17 @@ impl Filter {
 
 fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> (Verdict, Trace) {
     let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
+    let dpop: Vec<&str> = p.dpop.iter().map(String::as_str).collect();
     let req = Request {
         method: &p.method,
         path: &p.path,
         authorization: &auth,
         source: p.source.as_deref(),
+        tls_version: p.tls.as_deref(),
+        forwarded_proto: p.forwarded_proto.as_deref(),
+        scheme: &p.scheme,
+        authority: &p.authority,
+        dpop: &dpop,
     };
     w.decide(&req, now, may_wait)
 }
@@ -241,6 +268,9 @@ pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, waiter: &Waiter, now: u64) {
 /// Carries out a verdict on the current request and drafts its audit record.
 fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Action {
     let policy = Rc::clone(&w.policy);
+    if let Verdict::Allow { binding, .. } = &verdict {
+        p.binding = *binding;
+    }
     let (reason, rule, token) = outcome::settle(&verdict);
     w.metrics.decision(reason);
     let rule_ref = rule.and_then(|i| policy.rules.get(i));
@@ -253,12 +283,31 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
         now_ms,
     ));
     if reason == Reason::Ok {
+        if token.as_ref().is_some_and(|t| !t.phi_claims.is_empty()) {
+            metrics::bump(w.metrics.phi_flagged);
+        }
         if let Some(rule) = rule_ref {
             forward(p, &policy, rule, token.as_deref());
         }
         return Action::Continue;
     }
-    let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref));
+    let dpop = {
+        let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
+        let req = Request {
+            method: &p.method,
+            path: &p.path,
+            authorization: &auth,
+            source: None,
+            tls_version: None,
+            forwarded_proto: None,
+            scheme: &p.scheme,
+            authority: &p.authority,
+            dpop: &[],
+        };
+        decision::is_dpop(&req, reason, token.as_deref())
+    };
+    let algs = dpop.then_some(policy.dpop_algs.as_str());
+    let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref, algs));
     let mut headers = vec![
         ("content-type", "text/plain"),
         ("cache-control", "no-store"),
@@ -308,16 +357,23 @@ fn draft(
     now_ms: u64,
 ) -> AuditRecord {
     let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
+    let dpop: Vec<&str> = p.dpop.iter().map(String::as_str).collect();
     let req = Request {
         method: &p.method,
         path: &p.path,
         authorization: &auth,
         source: p.source.as_deref(),
+        tls_version: p.tls.as_deref(),
+        forwarded_proto: p.forwarded_proto.as_deref(),
+        scheme: &p.scheme,
+        authority: &p.authority,
+        dpop: &dpop,
     };
     let seen = outcome::Seen {
         req,
         request_id: p.request_id.as_deref(),
-        tls: property_string(&["connection", "tls_version"]),
+        tls: p.tls.clone(),
+        binding: p.binding,
     };
     outcome::draft(seen, reason, rule, token, policy, now_ms)
 }

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub token_cache_hit: Option<u32>,
     pub token_cache_miss: Option<u32>,
     pub step_up_challenges: Option<u32>,
+    /// Allowed tokens that carried a forbidden claim (`forbidden_claims_action: audit`).
+    pub phi_flagged: Option<u32>,
     pub key_age_seconds: Option<u32>,
     pub token_cache_entries: Option<u32>,
     pub token_cache_bytes: Option<u32>,
@@ -75,6 +77,7 @@ impl Metrics {
             token_cache_hit: counter("phi_guard.token_cache.hit"),
             token_cache_miss: counter("phi_guard.token_cache.miss"),
             step_up_challenges: counter("phi_guard.step_up_challenges"),
+            phi_flagged: counter("phi_guard.phi_in_token.flagged"),
             key_age_seconds: gauge("phi_guard.jwks_key_age_seconds"),
             token_cache_entries: gauge("phi_guard.token_cache.entries"),
             token_cache_bytes: gauge("phi_guard.token_cache.bytes"),

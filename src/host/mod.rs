@@ -8,6 +8,7 @@ mod fetcher;
 mod http;
 mod introspect;
 mod metrics;
+mod replay;
 mod root;
 mod worker;
 

@@ -177,6 +177,10 @@ impl RootContext for Root {
                 return false;
             }
         };
+        // Weakening is spelled out: said at every start, not only in the config.
+        if let Some(warning) = policy.plaintext_warning() {
+            log::warn!("{warning}");
+        }
         let key = match audit_key(&policy) {
             Ok(key) => key,
             Err(e) => {

@@ -23,6 +23,7 @@ use super::fetcher::{Arrival, Fetcher, Response};
 use super::http::Pending;
 use super::introspect::{Answered, Introspector};
 use super::metrics::{self, Metrics};
+use super::replay;
 
 /// What a paused request waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,11 +179,21 @@ impl Worker {
         if revocations.stale() {
             trace.revocation_stale = true;
         }
+        let now_i = i64::try_from(now).unwrap_or(i64::MAX);
+        // Read only for a certificate-bound token: a host call costs about a microsecond.
+        let peer_cert = || {
+            abi::property(&["connection", "sha256_peer_certificate_digest"])
+                .ok()
+                .flatten()
+                .and_then(|b| String::from_utf8(b).ok())
+        };
+        let first_use = |digest: &[u8; 32], until: i64| replay::first_use(digest, until, now_i);
         let facts = Facts {
             keys: &key_set,
             revocations,
+            peer_cert: &peer_cert,
+            dpop_first_use: &first_use,
         };
-        let now_i = i64::try_from(now).unwrap_or(i64::MAX);
         let verdict = decision::decide(
             &policy,
             &facts,

@@ -102,6 +102,7 @@ const METRICS_SUCCESS: u32 = 0;
 const ATTR_RESPONSE_CODE: u32 = 15;
 const ATTR_SOURCE_ADDRESS: u32 = 24;
 const ATTR_CONNECTION_TLS_VERSION: u32 = 31;
+const ATTR_CONNECTION_SHA256_PEER_CERTIFICATE_DIGEST: u32 = 38;
 
 extern "C" {
     fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
@@ -427,6 +428,12 @@ impl Stream {
     /// `connection.tls_version`, on a TLS connection.
     pub fn tls_version(&self) -> Option<String> {
         self.attribute_string(ATTR_CONNECTION_TLS_VERSION)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// `connection.sha256_peer_certificate_digest` (hex), with a client certificate.
+    pub fn peer_certificate_sha256(&self) -> Option<String> {
+        self.attribute_string(ATTR_CONNECTION_SHA256_PEER_CERTIFICATE_DIGEST)
             .filter(|v| !v.is_empty())
     }
 

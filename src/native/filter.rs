@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::answer::{self, Reason};
 use crate::audit::AuditRecord;
+use crate::binding::Binding;
 use crate::decision::{self, Facts, Request, Revocations, State, Trace, Verdict, WaitFor};
 use crate::fetch::Freshness;
 use crate::jwks::KeySet;
@@ -18,6 +19,7 @@ use crate::token;
 
 use super::ffi::{Scheduler, Stream};
 use super::metrics;
+use super::replay;
 use super::shared::{lock, now_ms, Shared, Snapshot, Want};
 
 /// Filter-state key the access log reads. The wasm filter's property
@@ -80,6 +82,13 @@ pub struct Filter {
     request_id: Option<String>,
     source: Option<String>,
     tls: Option<String>,
+    /// `:scheme`, `:authority`, `x-forwarded-proto` (when trusted) and every
+    /// `DPoP` header: what transport and sender-binding checks read.
+    scheme: String,
+    authority: String,
+    forwarded_proto: Option<String>,
+    dpop: Vec<String>,
+    binding: Option<Binding>,
     record: Option<AuditRecord>,
     sealed: bool,
     paused: bool,
@@ -105,6 +114,11 @@ impl Filter {
             request_id: None,
             source: None,
             tls: None,
+            scheme: String::new(),
+            authority: String::new(),
+            forwarded_proto: None,
+            dpop: Vec::new(),
+            binding: None,
             record: None,
             sealed: false,
             paused: false,
@@ -119,12 +133,17 @@ impl Filter {
         // Values may hold any byte but NUL/CR/LF; lossy text is safe here: a
         // replacement character fails the token and the path checks.
         let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        let trust_xfp = self.shared.policy.transport.trusted_forwarded_proto;
         for (name, value) in stream.request_headers() {
             match name.as_slice() {
                 b":method" => self.method = text(&value),
                 b":path" => self.path = text(&value),
                 b"authorization" => self.authorization.push(text(&value)),
                 b"x-request-id" => self.request_id = String::from_utf8(value).ok(),
+                b":scheme" => self.scheme = text(&value),
+                b":authority" => self.authority = text(&value),
+                b"dpop" => self.dpop.push(text(&value)),
+                b"x-forwarded-proto" if trust_xfp => self.forwarded_proto = Some(text(&value)),
                 other => self.spoofed |= outcome::is_identity_header(&self.shared.policy, other),
             }
         }
@@ -170,7 +189,7 @@ impl Filter {
         stream.set_filter_state(AUDIT_KEY, line.as_bytes());
     }
 
-    fn run(&self, local: &mut Local, now: u64, may_wait: bool) -> (Verdict, Trace) {
+    fn run(&self, stream: &Stream, local: &mut Local, now: u64, may_wait: bool) -> (Verdict, Trace) {
         let shared = &self.shared;
         if shared.generation.load(std::sync::atomic::Ordering::Acquire) != local.generation {
             let (snapshot, generation) = shared.snapshot();
@@ -219,18 +238,19 @@ impl Filter {
             revocation_stale: revocations.stale(),
             ..Trace::default()
         };
+        let now_s = i64::try_from(now / 1000).unwrap_or(i64::MAX);
+        // Read only for a certificate-bound token.
+        let peer_cert = || stream.peer_certificate_sha256();
+        let first_use = |digest: &[u8; 32], until: i64| replay::first_use(digest, until, now_s);
         let facts = Facts {
             keys: &key_set,
             revocations,
+            peer_cert: &peer_cert,
+            dpop_first_use: &first_use,
         };
         let auth: Vec<&str> = self.authorization.iter().map(String::as_str).collect();
-        let req = Request {
-            method: &self.method,
-            path: &self.path,
-            authorization: &auth,
-            source: self.source.as_deref(),
-        };
-        let now_s = i64::try_from(now / 1000).unwrap_or(i64::MAX);
+        let dpop: Vec<&str> = self.dpop.iter().map(String::as_str).collect();
+        let req = self.request(&auth, &dpop);
         let verdict = decision::decide(
             &shared.policy,
             &facts,
@@ -248,7 +268,7 @@ impl Filter {
     fn decide_or_park(&mut self, stream: &Stream, now: u64) -> bool {
         let local = Rc::clone(&self.local);
         let mut local = local.borrow_mut();
-        let (mut verdict, mut trace) = self.run(&mut local, now, true);
+        let (mut verdict, mut trace) = self.run(stream, &mut local, now, true);
         // At most twice: a newer snapshot seen while asking is decided with once.
         for _ in 0..2 {
             let Verdict::Wait(wait) = verdict else { break };
@@ -284,11 +304,11 @@ impl Filter {
                     return false;
                 }
                 Want::Refused => break,
-                Want::Changed => (verdict, trace) = self.run(&mut local, now, true),
+                Want::Changed => (verdict, trace) = self.run(stream, &mut local, now, true),
             }
         }
         if matches!(verdict, Verdict::Wait(_)) {
-            (verdict, trace) = self.run(&mut local, now, false);
+            (verdict, trace) = self.run(stream, &mut local, now, false);
         }
         self.paused = false;
         self.count(stream, &mut local, trace, &verdict, now);
@@ -334,11 +354,17 @@ impl Filter {
     /// Carries out a verdict and drafts its audit record; `true` to continue.
     fn apply(&mut self, stream: &Stream, verdict: Verdict, now: u64) -> bool {
         let policy = Arc::clone(&self.shared.policy);
+        if let Verdict::Allow { binding, .. } = &verdict {
+            self.binding = *binding;
+        }
         let (reason, rule, token) = outcome::settle(&verdict);
         self.shared.metrics.decision(stream, reason);
         let rule_ref = rule.and_then(|i| policy.rules.get(i));
         self.record = Some(self.draft(reason, rule_ref, token.as_deref(), now));
         if reason == Reason::Ok {
+            if token.as_ref().is_some_and(|t| !t.phi_claims.is_empty()) {
+                metrics::bump(stream, self.shared.metrics.phi_flagged);
+            }
             if let Some(rule) = rule_ref {
                 let edits = outcome::header_edits(
                     &policy,
@@ -353,7 +379,12 @@ impl Filter {
             }
             return true;
         }
-        let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref));
+        let dpop = {
+            let auth: Vec<&str> = self.authorization.iter().map(String::as_str).collect();
+            decision::is_dpop(&self.request(&auth, &[]), reason, token.as_deref())
+        };
+        let algs = dpop.then_some(policy.dpop_algs.as_str());
+        let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref, algs));
         let mut headers = vec![
             ("content-type", "text/plain"),
             ("cache-control", "no-store"),
@@ -377,15 +408,26 @@ impl Filter {
     ) -> AuditRecord {
         let auth: Vec<&str> = self.authorization.iter().map(String::as_str).collect();
         let seen = outcome::Seen {
-            req: Request {
-                method: &self.method,
-                path: &self.path,
-                authorization: &auth,
-                source: self.source.as_deref(),
-            },
+            req: self.request(&auth, &[]),
             request_id: self.request_id.as_deref(),
             tls: self.tls.clone(),
+            binding: self.binding,
         };
         outcome::draft(seen, reason, rule, token, &self.shared.policy, now)
+    }
+
+    /// The request as the core reads it.
+    fn request<'a>(&'a self, auth: &'a [&'a str], dpop: &'a [&'a str]) -> Request<'a> {
+        Request {
+            method: &self.method,
+            path: &self.path,
+            authorization: auth,
+            source: self.source.as_deref(),
+            tls_version: self.tls.as_deref(),
+            forwarded_proto: self.forwarded_proto.as_deref(),
+            scheme: &self.scheme,
+            authority: &self.authority,
+            dpop,
+        }
     }
 }

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub token_cache_hit: Option<usize>,
     pub token_cache_miss: Option<usize>,
     step_up_challenges: Option<usize>,
+    /// Allowed tokens carrying a forbidden claim (`forbidden_claims_action: audit`).
+    pub phi_flagged: Option<usize>,
     pub key_age_seconds: Option<usize>,
     pub token_cache_entries: Option<usize>,
     pub token_cache_bytes: Option<usize>,
@@ -55,6 +57,7 @@ impl Metrics {
             token_cache_hit: counter("phi_guard.token_cache.hit"),
             token_cache_miss: counter("phi_guard.token_cache.miss"),
             step_up_challenges: counter("phi_guard.step_up_challenges"),
+            phi_flagged: counter("phi_guard.phi_in_token.flagged"),
             key_age_seconds: gauge("phi_guard.jwks_key_age_seconds"),
             token_cache_entries: gauge("phi_guard.token_cache.entries"),
             token_cache_bytes: gauge("phi_guard.token_cache.bytes"),

@@ -8,4 +8,5 @@
 mod ffi;
 mod filter;
 mod metrics;
+mod replay;
 mod shared;

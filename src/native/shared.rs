@@ -140,6 +140,9 @@ impl Shared {
     /// starts the tick. On the main thread, in `config_new`.
     pub fn new(config: Config, _name: &[u8], doc: &[u8]) -> Result<Arc<Shared>, String> {
         let policy = Policy::from_json(doc).map_err(|e| e.to_string())?;
+        if let Some(warning) = policy.plaintext_warning() {
+            log::warn!("{warning}");
+        }
         if let Some(i) = policy
             .providers
             .iter()

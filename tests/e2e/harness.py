@@ -10,27 +10,34 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import os
 import re
 import socket
+import ssl
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_YAML = REPO / "envoy" / "envoy.yaml"
@@ -235,6 +242,134 @@ def tamper(token: str) -> str:
     raw = bytearray(b64url_decode(sig))
     raw[len(raw) // 2] ^= 0x01
     return f"{head}.{payload}.{b64url(bytes(raw))}"
+
+
+# --------------------------------------------------------------------------
+# TLS: a local CA, the listener's certificate, client certificates
+
+
+@dataclass
+class Certs:
+    """PEM files of a local CA, a server certificate for 127.0.0.1 and
+    localhost, and two client certificates ("alice", "bob") it signed."""
+
+    dir: Path
+    ca: Path
+    server: Path
+    server_key: Path
+
+    def client(self, name: str) -> tuple[Path, Path]:
+        """(certificate, key) of a client certificate the CA signed."""
+        return self.dir / f"{name}.pem", self.dir / f"{name}.key"
+
+    def client_sha256(self, name: str) -> bytes:
+        """SHA-256 of the client certificate's DER: what `cnf.x5t#S256` binds to."""
+        cert = x509.load_pem_x509_certificate(self.client(name)[0].read_bytes())
+        return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def _write_key(path: Path, key) -> None:
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    path.chmod(0o600)
+
+
+def make_certs(directory: Path) -> Certs:
+    """A CA and the certificates it signs, written to `directory` (kept if
+    there already: `make run` and docker-compose reuse them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    certs = Certs(directory, directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    if certs.ca.exists() and certs.server.exists() and certs.client("bob")[0].exists():
+        return certs
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=825)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("phi-guard local CA"))
+        .issuer_name(name("phi-guard local CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(cn: str, usage, sans=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    server, server_key = leaf(
+        "localhost",
+        x509.ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
+    certs.ca.write_bytes(pem(ca))
+    certs.server.write_bytes(pem(server))
+    _write_key(certs.server_key, server_key)
+    for client in ("alice", "bob"):
+        cert, key = leaf(client, x509.ExtendedKeyUsageOID.CLIENT_AUTH)
+        cert_path, key_path = certs.client(client)
+        cert_path.write_bytes(pem(cert))
+        _write_key(key_path, key)
+    return certs
+
+
+_CERTS: Certs | None = None
+
+
+def tls_certs() -> Certs:
+    """The tests' certificates, made once per process."""
+    global _CERTS
+    if _CERTS is None:
+        _CERTS = make_certs(Path(tempfile.mkdtemp(prefix="phi-guard-certs-")))
+    return _CERTS
+
+
+def client_tls(
+    client: str | None = None,
+    minimum: ssl.TLSVersion | None = None,
+    maximum: ssl.TLSVersion | None = None,
+) -> ssl.SSLContext:
+    """A client context trusting the tests' CA; `client` presents that
+    client certificate; `minimum`/`maximum` pin the TLS versions offered
+    (TLS 1.1 needs OpenSSL's security level lowered, done here)."""
+    certs = tls_certs()
+    ctx = ssl.create_default_context(cafile=str(certs.ca))
+    if client is not None:
+        cert, key = certs.client(client)
+        ctx.load_cert_chain(str(cert), str(key))
+    if minimum is not None and minimum < ssl.TLSVersion.TLSv1_2:
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        # Python deprecates naming TLS 1.0/1.1: only tests of refusing them do.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if minimum is not None:
+            ctx.minimum_version = minimum
+        if maximum is not None:
+            ctx.maximum_version = maximum
+    return ctx
 
 
 # --------------------------------------------------------------------------
@@ -786,12 +921,22 @@ class Response:
 
 
 def http_request(
-    port: int, method: str, path: str, headers=None, body: bytes | None = None, timeout: float = 10
+    port: int,
+    method: str,
+    path: str,
+    headers=None,
+    body: bytes | None = None,
+    timeout: float = 10,
+    tls: ssl.SSLContext | None = None,
 ) -> Response:
-    """One request on a fresh connection; headers may be a dict or a list of
-    pairs (a list allows repeated names such as two Authorization headers)."""
+    """One request on a fresh connection (HTTPS with `tls`); headers may be a
+    dict or a list of pairs (a list allows repeated names such as two
+    Authorization headers)."""
     items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    if tls is not None:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         for k, v in items:
@@ -859,6 +1004,11 @@ class Envoy:
     (target/native/libphi_guard.so) in place of the wasm filter, on the same
     policy; a module reads Envoy's own environment, so `host_env_keys` has
     nothing to pass there.
+
+    The listener speaks TLS (the shipped config's, with the tests' own
+    certificates: `harness.tls_certs()`), and `request`/`get` use it.
+    `tls=False` makes it plaintext, for the tests that need that and say so;
+    `tls_versions=("TLSv1_0", "TLSv1_2")` sets the versions Envoy offers.
     """
 
     def __init__(
@@ -874,6 +1024,8 @@ class Envoy:
         concurrency: int = 1,
         host_env_keys: list[str] | None = None,
         build: str = "wasm",
+        tls: bool = True,
+        tls_versions: tuple[str, str] | None = None,
     ):
         assert build in BUILDS, build
         self.build = build
@@ -888,7 +1040,9 @@ class Envoy:
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.admin_port = 0
+        self.tls = tls
         self.config = self._rewrite(upstream_port, jwks_port, policy, with_wasm, wasm)
+        self._listener_tls(tls, tls_versions)
         if host_env_keys and build == "wasm":
             _wasm_filter(self.config)["vm_config"]["environment_variables"] = {"host_env_keys": list(host_env_keys)}
         for name, port in (clusters or {}).items():
@@ -925,6 +1079,33 @@ class Envoy:
             at = next(i for i, f in enumerate(filters) if f["name"] == WASM_FILTER)
             filters[at] = _native_filter(policy)
         return config
+
+    def _listener_tls(self, tls: bool, versions: tuple[str, str] | None) -> None:
+        chain = self.config["static_resources"]["listeners"][0]["filter_chains"][0]
+        if not tls:
+            chain.pop("transport_socket", None)
+            return
+        certs = tls_certs()
+        context = chain["transport_socket"]["typed_config"]["common_tls_context"]
+        context["tls_certificates"] = [
+            {"certificate_chain": {"filename": str(certs.server)}, "private_key": {"filename": str(certs.server_key)}}
+        ]
+        context["validation_context"] = {"trusted_ca": {"filename": str(certs.ca)}}
+        if versions is not None:
+            params = context["tls_params"]
+            params["tls_minimum_protocol_version"], params["tls_maximum_protocol_version"] = versions
+            if versions[0] in ("TLSv1_0", "TLSv1_1"):
+                # Old versions need old (CBC, SHA-1) suites, which Envoy no
+                # longer offers by default: only for tests of refusing them.
+                params["cipher_suites"] = params.get("cipher_suites", []) + ["ECDHE-ECDSA-AES128-SHA"]
+
+    def client_tls(self, client: str | None = None, **versions) -> ssl.SSLContext | None:
+        """The context `request` uses: None over plaintext."""
+        return client_tls(client, **versions) if self.tls else None
+
+    def write_config(self) -> None:
+        """Writes `self.config` (after a test changed it) for the next start."""
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def add_cluster(self, name: str, port: int) -> None:
         """Another loopback cluster (a revocation list, an introspection endpoint)."""
@@ -1032,12 +1213,27 @@ class Envoy:
 
     # -- talking to it -----------------------------------------------------
 
-    def request(self, method: str, path: str, headers=None, body: bytes | None = None, token: str | None = None):
-        """A request to the listener; `token` adds `Authorization: Bearer <token>`."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers=None,
+        body: bytes | None = None,
+        token: str | None = None,
+        timeout: float = 10,
+        tls: ssl.SSLContext | None = None,
+    ):
+        """A request to the listener; `token` adds `Authorization: Bearer <token>`;
+        `tls` replaces the default client context (a client certificate, other versions)."""
         items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
         if token is not None:
             items.append(("Authorization", f"Bearer {token}"))
-        return http_request(self.port, method, path, items, body)
+        return http_request(self.port, method, path, items, body, timeout=timeout, tls=tls or self.client_tls())
+
+    @property
+    def origin(self) -> str:
+        """The listener's URL as a client names it (`htu` of a DPoP proof)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def get(self, path: str, token: str | None = None, headers=None) -> Response:
         return self.request("GET", path, headers=headers, token=token)

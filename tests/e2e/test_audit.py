@@ -48,11 +48,11 @@ from harness import (
 AUDIT_FIELDS = [
     "ts", "request_id", "decision", "reason", "step_up", "rule", "method", "path", "status",
     "iss", "sub", "client_id", "jti", "token_fp", "scopes_granted", "scopes_required",
-    "acr", "amr", "source", "tls", "vm", "seq", "chain",
+    "acr", "amr", "source", "tls", "binding", "phi_claims", "vm", "seq", "chain",
 ]  # fmt: skip
 # Fields a record must always carry (the others are left out when there is nothing to say).
 ALWAYS = {"ts", "decision", "reason", "method", "path", "status", "scopes_granted", "scopes_required",
-          "amr", "vm", "seq", "chain"}  # fmt: skip
+          "amr", "tls", "vm", "seq", "chain"}  # fmt: skip
 IDENTITY = ("iss", "sub", "client_id", "jti")
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
 MFA = "urn:example:loa:mfa"  # the shipped step_up_defaults.acr_values
@@ -427,7 +427,7 @@ def test_record_fields(mix, name):
     if s.record["reason"] != "step_up_required":
         assert "step_up" not in rec, rec
     assert re.fullmatch(r"127\.0\.0\.1:\d+", rec.get("source", "")), rec.get("source")
-    assert rec.get("tls") in (None, ""), "plain-text listener: no TLS version"
+    assert rec.get("tls") in ("TLSv1.2", "TLSv1.3"), "the listener speaks TLS: the record names the version"
     assert isinstance(rec["vm"], str) and rec["vm"]
     assert re.fullmatch(r"[0-9a-f]{64}", rec["chain"]), rec["chain"]
 
@@ -800,7 +800,7 @@ def test_request_abandoned_while_waiting_for_keys_is_audited(envoy_factory, poli
     try:
         # No keys can come while the fetch is held: the client gives up first.
         with pytest.raises(TimeoutError):
-            http_request(envoy.port, "GET", "/fhir/Patient/1", headers, timeout=1)
+            envoy.request("GET", "/fhir/Patient/1", headers, timeout=1)
         lines = log_lines(envoy, 1)
         assert jwks_server.held == 1, "the fetch must still be in flight"
     finally:

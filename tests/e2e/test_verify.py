@@ -23,6 +23,7 @@ from harness import (
     Response,
     audits,
     challenge_of,
+    client_tls,
     default_claims,
     eventually,
     http_request,
@@ -314,7 +315,7 @@ def test_refetch_lands_when_the_request_that_started_it_is_gone(envoy_factory, p
     jwks_server.delay_seconds = 1
     hits = jwks_server.hits
     with pytest.raises(OSError):  # the client times out while the fetch runs
-        http_request(envoy.port, "GET", PATH, [("Authorization", f"Bearer {mint(new)}")], timeout=0.3)
+        envoy.request("GET", PATH, [("Authorization", f"Bearer {mint(new)}")], timeout=0.3)
     time.sleep(1.5)
     jwks_server.delay_seconds = 0
     assert jwks_server.hits == hits + 1
@@ -451,10 +452,11 @@ def test_istio_plugin_config_is_a_valid_policy(envoy_factory, upstream):
 
 
 def h2_get(port: int, path: str, *headers: str) -> int:
-    """One HTTP/2 request through nghttp (Debian's nghttp2-client); the status."""
+    """One HTTP/2 request through nghttp (Debian's nghttp2-client) over TLS
+    (h2 by ALPN; nghttp does not check the certificate); the status."""
     if not shutil.which("nghttp"):
         pytest.fail("nghttp is missing: apt-get install nghttp2-client (.ci/run does)")
-    argv = ["nghttp", "-v", "-t", "10", f"http://127.0.0.1:{port}{path}"]
+    argv = ["nghttp", "-v", "-t", "10", f"https://127.0.0.1:{port}{path}"]
     for header in headers:
         argv += ["-H", header]
     out = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=30).stdout
@@ -481,8 +483,9 @@ def test_http2_requests_are_decided_alike(envoy, upstream, keys):
 
 
 def raw_get(port: int, target: bytes, headers: list[tuple[bytes, bytes]]) -> int:
-    """One HTTP/1.1 request written byte for byte; returns the status code."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+    """One HTTP/1.1 request written byte for byte over TLS; returns the status code."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with client_tls().wrap_socket(sock, server_hostname="127.0.0.1") as s:
         lines = [b"GET " + target + b" HTTP/1.1", b"Host: fhir.example.org", b"Connection: close"]
         lines += [name + b": " + value for name, value in headers]
         s.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
