@@ -189,7 +189,13 @@ impl Filter {
         stream.set_filter_state(AUDIT_KEY, line.as_bytes());
     }
 
-    fn run(&self, stream: &Stream, local: &mut Local, now: u64, may_wait: bool) -> (Verdict, Trace) {
+    fn run(
+        &self,
+        stream: &Stream,
+        local: &mut Local,
+        now: u64,
+        may_wait: bool,
+    ) -> (Verdict, Trace) {
         let shared = &self.shared;
         if shared.generation.load(std::sync::atomic::Ordering::Acquire) != local.generation {
             let (snapshot, generation) = shared.snapshot();
