@@ -44,8 +44,10 @@ impl Rng {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some(mib), Some(path)) = (args.first().and_then(|a| a.parse::<u64>().ok()), args.get(1))
-    else {
+    let (Some(mib), Some(path)) = (
+        args.first().and_then(|a| a.parse::<u64>().ok()),
+        args.get(1),
+    ) else {
         eprintln!("usage: gen_audit_log <MiB> <path>");
         return ExitCode::from(2);
     };
