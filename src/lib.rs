@@ -17,6 +17,9 @@ pub mod introspection;
 pub mod jwks;
 pub mod outcome;
 pub mod pairs;
+// The command line's; native only (it reads gzip files), so not in the .wasm.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod report;
 pub mod revocation;
 pub mod rules;
 pub mod token;

@@ -5,6 +5,9 @@
 //! that no chain ends before the heads its VM wrote to Envoy's log: exit 0
 //! when intact and complete, 1 with the first damaged line or every chain
 //! that falls short of its checkpoints, 2 on a usage error.
+//!
+//! `phi-guard audit report <access-log>… [filters] [--format text|csv|json]`
+//! verifies the chains, then reports who did what (see `phi_guard::report`).
 
 use std::fs::File;
 use std::io::BufReader;
@@ -14,6 +17,8 @@ use phi_guard::audit;
 
 const USAGE: &str = "\
 usage: phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env NAME] [--start-anywhere]
+       phi-guard audit report <access-log>... [--since T] [--until T] [--subject S] [--client C]
+                              [--rule R] [--format text|csv|json] [--key-env NAME] [--start-anywhere]
 
   audit verify   check the tamper-evident audit chains in an Envoy access log
                  (one JSON record per line, raw or in the line's \"audit\" field)
@@ -28,6 +33,18 @@ usage: phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env 
   --start-anywhere
                  accept a log that starts mid-chain (rotated); its first record is
                  trusted, and checkpoints from before it are not held against it
+
+  audit report   verify the chains (saying whether they are intact, or the first
+                 problem), then report per subject and client: requests allowed
+                 per rule and denied per reason, escalation attempts, bulk exports
+                 started, the busiest sources. Files are read in the order given,
+                 oldest first (rotated files: access.log.2.gz access.log.1 access.log);
+                 gzip files are read as such; - is standard input. Exit 0 when the
+                 chains are intact, 1 when not (the report is printed all the same)
+  --since T, --until T
+                 records at or after T, before T (2026-01-31 or 2026-01-31T08:00:00Z)
+  --subject S, --client C, --rule R
+                 records of that subject (sub), client (client_id) or rule only
 ";
 
 fn main() -> ExitCode {
@@ -39,6 +56,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         ["audit", "verify", rest @ ..] => audit_verify(rest),
+        ["audit", "report", rest @ ..] => {
+            let code = phi_guard::report::run(rest, &mut std::io::stdout(), &mut std::io::stderr());
+            if code == 2 {
+                eprintln!("\n{USAGE}");
+            }
+            ExitCode::from(code)
+        }
         _ => usage_error("unknown command"),
     }
 }
