@@ -49,6 +49,10 @@ struct RawConfig {
     max_token_lifetime_seconds: u64,
     #[serde(default)]
     forward_token: bool,
+    /// Why the token must reach the upstream; for reviewers (`phi-guard lint`
+    /// refuses `forward_token` without one).
+    #[serde(default)]
+    forward_token_reason: Option<String>,
     #[serde(default = "defaults::yes")]
     deny_wildcard_scopes: bool,
     #[serde(default = "defaults::token_cache")]
@@ -485,6 +489,13 @@ impl Policy {
         }
         if raw.clock_skew_seconds > MAX_SKEW {
             return Err(err("clock_skew_seconds", format!("at most {MAX_SKEW}")));
+        }
+        if raw
+            .forward_token_reason
+            .as_deref()
+            .is_some_and(|r| r.trim().is_empty())
+        {
+            return Err(err("forward_token_reason", "must not be empty"));
         }
         if raw.max_token_lifetime_seconds == 0 {
             return Err(err("max_token_lifetime_seconds", "must be positive"));
@@ -1267,6 +1278,20 @@ mod tests {
             Policy::from_json(trailing.as_bytes()).unwrap_err().field,
             "(document)"
         );
+    }
+
+    #[test]
+    fn forward_token_reason_is_documentation_and_not_empty() {
+        let mut doc = base();
+        doc["forward_token"] = json!(true);
+        doc["forward_token_reason"] = json!("the upstream FHIR server checks the token again");
+        assert!(load(&doc).unwrap().forward_token);
+        for bad in [json!(""), json!("  ")] {
+            doc["forward_token_reason"] = bad;
+            assert_eq!(load(&doc).unwrap_err().field, "forward_token_reason");
+        }
+        doc["forward_token_reason"] = json!(7);
+        assert_eq!(load(&doc).unwrap_err().field, "forward_token_reason");
     }
 
     #[test]
