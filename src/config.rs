@@ -8,7 +8,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::crypto::Alg;
-use crate::rules::PathTemplate;
+use crate::rules::{PathMismatch, PathTemplate, SafePath};
 
 /// A configuration error: the JSON path of the offending field and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -428,12 +428,38 @@ pub struct Introspect {
     pub opaque: Option<usize>,
 }
 
+/// Whether a rule applies to a request: its method and its path, each
+/// answered (so `phi-guard explain` can say why a rule did not match).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleMatch {
+    /// The rule allows the request's method.
+    pub method: bool,
+    /// Why the path does not match the rule's template (`None`: it does).
+    pub path: Option<PathMismatch>,
+}
+
+impl RuleMatch {
+    /// Both method and path match: the rule applies.
+    pub fn is_match(&self) -> bool {
+        self.method && self.path.is_none()
+    }
+}
+
 impl Rule {
     /// Whether this rule applies to `method`.
     pub fn allows_method(&self, method: &str) -> bool {
         self.methods
             .as_ref()
             .is_none_or(|m| m.iter().any(|x| x == method))
+    }
+
+    /// Whether this rule applies to a request with `method` and `path`, and
+    /// if not, why: the matcher [`crate::decision::decide`] tries rules with.
+    pub fn match_request(&self, method: &str, path: &SafePath) -> RuleMatch {
+        RuleMatch {
+            method: self.allows_method(method),
+            path: self.path.mismatch(path),
+        }
     }
 
     /// Whether this rule, placed first, would match every request `later` matches.

@@ -333,6 +333,20 @@ fn hex_value(b: u8) -> Option<u8> {
 // ---------------------------------------------------------------------------
 // URI templates
 
+/// Why a path did not match a template; `at` counts the path's segments
+/// from 0 (the one after the leading `/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathMismatch {
+    /// The path ends where the template wants segment `at`.
+    TooShort { at: usize },
+    /// The path goes on past the template's last segment (`at` is the first extra one).
+    TooLong { at: usize },
+    /// Segment `at` is empty (a trailing `/`) where the template wants a value.
+    EmptySegment { at: usize },
+    /// Segment `at` is not the template's literal there.
+    Literal { at: usize },
+}
+
 /// One compiled template segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -404,7 +418,22 @@ impl PathTemplate {
 
     /// Whether `path` matches this template. Does not allocate.
     pub fn matches(&self, path: &SafePath) -> bool {
-        self.matches_segments(path.segments())
+        self.mismatch(path).is_none()
+    }
+
+    /// Why `path` does not match this template (`None`: it matches). The
+    /// one matcher: [`PathTemplate::matches`] and `phi-guard explain` both
+    /// ask it. Does not allocate.
+    pub fn mismatch(&self, path: &SafePath) -> Option<PathMismatch> {
+        self.mismatch_segments(path.segments())
+    }
+
+    /// The literal the template wants at segment `at` (0-based), if it wants one there.
+    pub fn literal_at(&self, at: usize) -> Option<&str> {
+        match self.segments.get(at) {
+            Some(Segment::Literal(lit)) => Some(lit),
+            _ => None,
+        }
     }
 
     /// Whether every path `other` matches is matched by `self` too (so a
@@ -435,20 +464,28 @@ impl PathTemplate {
         &self.source
     }
 
-    fn matches_segments<'a>(&self, mut path: impl Iterator<Item = &'a str>) -> bool {
-        for want in &self.segments {
+    fn mismatch_segments<'a>(
+        &self,
+        mut path: impl Iterator<Item = &'a str>,
+    ) -> Option<PathMismatch> {
+        for (at, want) in self.segments.iter().enumerate() {
             let Some(got) = path.next() else {
-                return false;
+                return Some(PathMismatch::TooShort { at });
             };
             match want {
-                Segment::Rest => return true,
-                Segment::One if got.is_empty() => return false,
+                Segment::Rest => return None,
+                Segment::One if got.is_empty() => return Some(PathMismatch::EmptySegment { at }),
                 Segment::One => {}
-                Segment::Literal(lit) if lit != got => return false,
+                Segment::Literal(lit) if lit != got => return Some(PathMismatch::Literal { at }),
                 Segment::Literal(_) => {}
             }
         }
-        path.next().is_none()
+        match path.next() {
+            None => None,
+            Some(_) => Some(PathMismatch::TooLong {
+                at: self.segments.len(),
+            }),
+        }
     }
 }
 
@@ -930,6 +967,33 @@ mod tests {
     }
 
     #[test]
+    fn mismatch_says_where() {
+        use PathMismatch::*;
+        let t = PathTemplate::parse("/fhir/Patient/{id}").unwrap();
+        let cases: &[(&str, Option<PathMismatch>)] = &[
+            ("/fhir/Patient/7", None),
+            ("/fhir/Observation/7", Some(Literal { at: 1 })),
+            ("/api/Patient/7", Some(Literal { at: 0 })),
+            ("/fhir/Patient", Some(TooShort { at: 2 })),
+            ("/fhir/Patient/", Some(EmptySegment { at: 2 })),
+            ("/fhir/Patient/7/_history", Some(TooLong { at: 3 })),
+        ];
+        for (raw, want) in cases {
+            let path = SafePath::parse(raw).unwrap();
+            assert_eq!(t.mismatch(&path), *want, "{raw}");
+            assert_eq!(t.matches(&path), want.is_none(), "{raw}");
+        }
+        assert_eq!(t.literal_at(1), Some("Patient"));
+        assert_eq!(t.literal_at(2), None);
+        let rest = PathTemplate::parse("/files/{p=**}").unwrap();
+        assert_eq!(rest.mismatch(&SafePath::parse("/files/a/b").unwrap()), None);
+        assert_eq!(
+            rest.mismatch(&SafePath::parse("/files").unwrap()),
+            Some(TooShort { at: 1 })
+        );
+    }
+
+    #[test]
     fn template_matching() {
         let cases: &[(&str, &[(&str, bool)])] = &[
             (
@@ -1381,8 +1445,8 @@ mod tests {
             for t in TEMPLATES {
                 let t = PathTemplate::parse(t).unwrap();
                 let here = t.matches(&p);
-                prop_assert_eq!(here, t.matches_segments(a.iter().map(String::as_str)));
-                prop_assert_eq!(here, t.matches_segments(b.iter().map(String::as_str)));
+                prop_assert_eq!(here, t.mismatch_segments(a.iter().map(String::as_str)).is_none());
+                prop_assert_eq!(here, t.mismatch_segments(b.iter().map(String::as_str)).is_none());
             }
 
             // Upstream C decodes twice: the structure (segment count, no dot
