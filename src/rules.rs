@@ -459,6 +459,42 @@ impl PathTemplate {
         theirs.next().is_none()
     }
 
+    /// Whether some path matches both templates (`phi-guard lint`: could
+    /// this rule serve a path under a PHI prefix, or a high-risk path?).
+    pub fn overlaps(&self, other: &PathTemplate) -> bool {
+        let (mut mine, mut theirs) = (self.segments.as_slice(), other.segments.as_slice());
+        loop {
+            match (mine.split_first(), theirs.split_first()) {
+                (None, None) => return true,
+                // `**` needs the `/` before it, so a path that ends there is not matched.
+                (Some((Segment::Rest, _)), Some(_)) | (Some(_), Some((Segment::Rest, _))) => {
+                    return true
+                }
+                (None, Some(_)) | (Some(_), None) => return false,
+                (Some((a, a_rest)), Some((b, b_rest))) => {
+                    let both = match (a, b) {
+                        (Segment::Literal(x), Segment::Literal(y)) => x == y,
+                        (Segment::One, Segment::Literal(l))
+                        | (Segment::Literal(l), Segment::One) => !l.is_empty(),
+                        _ => true,
+                    };
+                    if !both {
+                        return false;
+                    }
+                    (mine, theirs) = (a_rest, b_rest);
+                }
+            }
+        }
+    }
+
+    /// The template's literal segments (decoded), in order.
+    pub fn literals(&self) -> impl Iterator<Item = &str> + '_ {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Literal(l) => Some(l.as_str()),
+            _ => None,
+        })
+    }
+
     /// The template as written in the configuration.
     pub fn as_str(&self) -> &str {
         &self.source
@@ -480,12 +516,9 @@ impl PathTemplate {
                 Segment::Literal(_) => {}
             }
         }
-        match path.next() {
-            None => None,
-            Some(_) => Some(PathMismatch::TooLong {
-                at: self.segments.len(),
-            }),
-        }
+        path.next().map(|_| PathMismatch::TooLong {
+            at: self.segments.len(),
+        })
     }
 }
 
@@ -686,7 +719,7 @@ fn is_scope_token(s: &str) -> bool {
 }
 
 /// The wildcard policy: contains `*`, ends in `:all` / `.all`, or is `all`.
-fn is_wildcard(s: &str) -> bool {
+pub fn is_wildcard(s: &str) -> bool {
     let ends_with = |suffix: &str| {
         s.len()
             .checked_sub(suffix.len())
@@ -964,6 +997,31 @@ mod tests {
                 Err(e) => assert!(e.contains(want), "{t:?}: {e:?} lacks {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn overlaps_when_some_path_matches_both() {
+        let t = |s: &str| PathTemplate::parse(s).unwrap();
+        let cases = [
+            ("/fhir/{rest=**}", "/fhir/Patient/{id}", true),
+            ("/fhir/**", "/fhir", false),
+            ("/fhir/**", "/fhir/", true),
+            ("/fhir", "/fhir", true),
+            ("/fhir/Patient/{id}", "/fhir/{type}/7", true),
+            ("/fhir/Patient/{id}", "/fhir/Observation/{id}", false),
+            ("/fhir/{id}", "/fhir/", false),
+            ("/healthz", "/fhir/**", false),
+            ("/{a}/{b}", "/fhir", false),
+            ("/{a=**}", "/anything/at/all", true),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(t(a).overlaps(&t(b)), want, "{a} vs {b}");
+            assert_eq!(t(b).overlaps(&t(a)), want, "{b} vs {a}");
+        }
+        assert_eq!(
+            t("/fhir/Group/{id}/$export").literals().collect::<Vec<_>>(),
+            ["fhir", "Group", "$export"]
+        );
     }
 
     #[test]
