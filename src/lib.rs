@@ -15,6 +15,10 @@ pub mod fetch;
 pub mod introspection;
 pub mod jwks;
 pub mod pairs;
+// The command line's own rooms (lint, explain): native only, so the .wasm
+// carries none of them nor their YAML parser.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod policy_file;
 pub mod revocation;
 pub mod rules;
 pub mod token;
