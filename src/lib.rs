@@ -14,6 +14,8 @@ pub mod decision;
 pub mod fetch;
 pub mod introspection;
 pub mod jwks;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod lint;
 pub mod pairs;
 // The command line's own rooms (lint, explain): native only, so the .wasm
 // carries none of them nor their YAML parser.
