@@ -8,6 +8,8 @@
 pub mod answer;
 pub mod audit;
 pub mod budget;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod decision;
