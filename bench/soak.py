@@ -545,6 +545,10 @@ def soak_policy(jwks_port: int, seconds: int, budget: bool) -> tuple[dict, int]:
     policy["providers"][0]["jwks"].update(cache_seconds=cache_seconds, min_refetch_seconds=max(1, cache_seconds // 2))
     if budget:
         policy["verification_budget"] = 0
+    # The pooled tokens are minted once for the whole run, so a rule's
+    # max_token_age_seconds would turn them token_too_old part-way through.
+    for rule in policy["rules"]:
+        rule.pop("max_token_age_seconds", None)
     return policy, cache_seconds
 
 
