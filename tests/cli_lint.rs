@@ -27,8 +27,11 @@ fn lint(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// (severity, code, line, field) of every finding, from `--format json`.
-fn findings(args: &[&str]) -> (i32, Vec<(String, String, Option<u64>, String)>) {
+/// (severity, code, line, field) of a finding.
+type Got = (String, String, Option<u64>, String);
+
+/// Every finding, from `--format json`.
+fn findings(args: &[&str]) -> (i32, Vec<Got>) {
     let mut all = vec!["--format", "json"];
     all.extend_from_slice(args);
     let (code, out, err) = lint(&all);
