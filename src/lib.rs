@@ -13,6 +13,8 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod decision;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod explain;
 pub mod fetch;
 pub mod introspection;
 pub mod jwks;
