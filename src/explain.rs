@@ -509,7 +509,11 @@ pub fn render(e: &Explanation) -> String {
         s.push_str(&text);
         s.push('\n');
     };
-    line(format!("request:   {} {}  (at {})", e.method, e.path, e.at));
+    let at = u64::try_from(e.at).map_or_else(
+        |_| e.at.to_string(),
+        |s| crate::audit::rfc3339_millis(s.saturating_mul(1_000_000_000)),
+    );
+    line(format!("request:   {} {}  (at {at})", e.method, e.path));
     line(format!("signature: {}", e.signature));
     match (&e.path_safety.decoded, e.path_safety.problem) {
         (Some(d), _) => line(format!("path:      safe; rules see {d}")),
