@@ -291,3 +291,12 @@ fn explain_run(args: &[&str], out: &mut dyn Write, err: &mut dyn Write) -> Resul
     }
     Ok(OK)
 }
+
+/// `phi-guard schema`: the policy's JSON Schema.
+pub fn schema_main(args: &[&str], out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    if let Some(a) = args.first() {
+        return usage(err, &format!("schema takes no arguments ({a:?})"));
+    }
+    let _ = write!(out, "{}", crate::schema::text());
+    OK
+}

@@ -27,6 +27,8 @@ pub mod pairs;
 pub mod policy_file;
 pub mod revocation;
 pub mod rules;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod schema;
 pub mod token;
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         ["audit", "verify", rest @ ..] => audit_verify(rest),
         ["lint", rest @ ..] => policy_command(phi_guard::cli::lint_main, rest),
         ["explain", rest @ ..] => policy_command(phi_guard::cli::explain_main, rest),
+        ["schema", rest @ ..] => policy_command(phi_guard::cli::schema_main, rest),
         _ => usage_error("unknown command"),
     }
 }
