@@ -553,8 +553,18 @@ pub fn render(e: &Explanation) -> String {
             line("  introspect:     the authorization server must say the token is active".into());
         }
     }
-    if let Some(t) = &e.token {
-        line(format!("token:     {t}"));
+    if let Some(Value::Object(t)) = &e.token {
+        let shown: Vec<String> = t
+            .iter()
+            .filter(|(_, v)| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                )
+            })
+            .collect();
+        line(format!("token:     {}", shown.join(" ")));
     }
     if let Some(w) = &e.waits_for {
         line(format!("waits for: {w}; decided without it below"));
