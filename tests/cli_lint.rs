@@ -93,6 +93,12 @@ fn each_finding_has_its_fixture() {
             &[],
             &[(E, "wildcard-scope", Some(44), "rules[2].scopes[0]")],
         ),
+        // Inside envoy.yaml's `value: |` block: the line of the scope itself.
+        (
+            "envoy-wildcard.yaml",
+            &[],
+            &[(E, "wildcard-scope", Some(78), "rules[2].scopes[0]")],
+        ),
         (
             "wasmplugin-wildcard.yaml",
             &[],
