@@ -1010,8 +1010,14 @@ fn revocation_corpus(root: &Path) -> usize {
                                   "client_id": {"app-rotated": 1_767_225_600}}})
         .to_string(),
     );
-    c.add("only-before", json!({"revoked_before": {"sub": {"u": -1}}}).to_string());
-    c.add("unicode", json!({"sub": ["\u{e9}l\u{e8}ve", ""], "jti": ["\u{0}"]}).to_string());
+    c.add(
+        "only-before",
+        json!({"revoked_before": {"sub": {"u": -1}}}).to_string(),
+    );
+    c.add(
+        "unicode",
+        json!({"sub": ["\u{e9}l\u{e8}ve", ""], "jti": ["\u{0}"]}).to_string(),
+    );
     let many: Vec<String> = (0..500).map(|i| format!("jti-{i}")).collect();
     c.add("many", json!({ "jti": many }).to_string());
     c.add("misspelt", r#"{"jtis": ["x"]}"#);

@@ -17,13 +17,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use phi_guard::answer::{deny, Reason};
+use phi_guard::budget::VerificationBudget;
 use phi_guard::decision::{
     challenge, decide, forwarded_headers, Facts, Request, Revocations, State, Trace, Verdict,
     WaitFor,
 };
 use phi_guard::rules::SafePath;
 use phi_guard::token::{extract_bearer, TokenCache};
-use phi_guard::budget::VerificationBudget;
 use phi_guard_fuzz::{fixture, NOW};
 
 fuzz_target!(|data: &[u8]| {

@@ -29,7 +29,11 @@ fuzz_target!(|data: &[u8]| {
     // Every string the document lists names a token the list must revoke.
     let doc: Value = serde_json::from_slice(data).expect("parsed lists are JSON");
     for (member, field) in [("jti", 0), ("sub", 1), ("client_id", 2)] {
-        let names = doc.get(member).and_then(Value::as_array).cloned().unwrap_or_default();
+        let names = doc
+            .get(member)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         for name in names.iter().filter_map(Value::as_str).take(8) {
             let mut t = VerifiedToken {
                 iat: Some(1),
@@ -53,5 +57,9 @@ fuzz_target!(|data: &[u8]| {
         ..VerifiedToken::default()
     };
     let first = list.revokes(&clean);
-    assert_eq!(first, list.revokes(&clean), "the remembered version changed the answer");
+    assert_eq!(
+        first,
+        list.revokes(&clean),
+        "the remembered version changed the answer"
+    );
 });
