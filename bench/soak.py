@@ -547,6 +547,10 @@ def soak_policy(jwks_port: int, seconds: int, budget: bool) -> tuple[dict, int]:
         policy["verification_budget"] = 0
     # Plaintext: Python makes more load without TLS, and decisions are the point.
     policy["transport"] = {"require_tls": False}
+    # The pooled tokens are minted once for the whole run, so a rule's
+    # max_token_age_seconds would turn them token_too_old part-way through.
+    for rule in policy["rules"]:
+        rule.pop("max_token_age_seconds", None)
     return policy, cache_seconds
 
 

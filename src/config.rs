@@ -8,7 +8,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::crypto::Alg;
-use crate::rules::PathTemplate;
+use crate::rules::{PathMismatch, PathTemplate, SafePath};
 
 /// A configuration error: the JSON path of the offending field and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,10 @@ struct RawConfig {
     max_token_lifetime_seconds: u64,
     #[serde(default)]
     forward_token: bool,
+    /// Why the token must reach the upstream; for reviewers (`phi-guard lint`
+    /// refuses `forward_token` without one).
+    #[serde(default)]
+    forward_token_reason: Option<String>,
     #[serde(default = "defaults::yes")]
     deny_wildcard_scopes: bool,
     #[serde(default = "defaults::token_cache")]
@@ -551,12 +555,38 @@ pub struct Introspect {
     pub opaque: Option<usize>,
 }
 
+/// Whether a rule applies to a request: its method and its path, each
+/// answered (so `phi-guard explain` can say why a rule did not match).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleMatch {
+    /// The rule allows the request's method.
+    pub method: bool,
+    /// Why the path does not match the rule's template (`None`: it does).
+    pub path: Option<PathMismatch>,
+}
+
+impl RuleMatch {
+    /// Both method and path match: the rule applies.
+    pub fn is_match(&self) -> bool {
+        self.method && self.path.is_none()
+    }
+}
+
 impl Rule {
     /// Whether this rule applies to `method`.
     pub fn allows_method(&self, method: &str) -> bool {
         self.methods
             .as_ref()
             .is_none_or(|m| m.iter().any(|x| x == method))
+    }
+
+    /// Whether this rule applies to a request with `method` and `path`, and
+    /// if not, why: the matcher [`crate::decision::decide`] tries rules with.
+    pub fn match_request(&self, method: &str, path: &SafePath) -> RuleMatch {
+        RuleMatch {
+            method: self.allows_method(method),
+            path: self.path.mismatch(path),
+        }
     }
 
     /// Whether this rule, placed first, would match every request `later` matches.
@@ -632,6 +662,13 @@ impl Policy {
         }
         if raw.clock_skew_seconds > MAX_SKEW {
             return Err(err("clock_skew_seconds", format!("at most {MAX_SKEW}")));
+        }
+        if raw
+            .forward_token_reason
+            .as_deref()
+            .is_some_and(|r| r.trim().is_empty())
+        {
+            return Err(err("forward_token_reason", "must not be empty"));
         }
         if raw.max_token_lifetime_seconds == 0 {
             return Err(err("max_token_lifetime_seconds", "must be positive"));
@@ -1474,6 +1511,20 @@ mod tests {
             Policy::from_json(trailing.as_bytes()).unwrap_err().field,
             "(document)"
         );
+    }
+
+    #[test]
+    fn forward_token_reason_is_documentation_and_not_empty() {
+        let mut doc = base();
+        doc["forward_token"] = json!(true);
+        doc["forward_token_reason"] = json!("the upstream FHIR server checks the token again");
+        assert!(load(&doc).unwrap().forward_token);
+        for bad in [json!(""), json!("  ")] {
+            doc["forward_token_reason"] = bad;
+            assert_eq!(load(&doc).unwrap_err().field, "forward_token_reason");
+        }
+        doc["forward_token_reason"] = json!(7);
+        assert_eq!(load(&doc).unwrap_err().field, "forward_token_reason");
     }
 
     #[test]

@@ -184,7 +184,7 @@ pub fn decide(
         .rules
         .iter()
         .enumerate()
-        .find(|(_, r)| r.allows_method(req.method) && r.path.matches(&path))
+        .find(|(_, r)| r.match_request(req.method, &path).is_match())
     else {
         return deny(Reason::NoRule, None, None);
     };

@@ -333,6 +333,20 @@ fn hex_value(b: u8) -> Option<u8> {
 // ---------------------------------------------------------------------------
 // URI templates
 
+/// Why a path did not match a template; `at` counts the path's segments
+/// from 0 (the one after the leading `/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathMismatch {
+    /// The path ends where the template wants segment `at`.
+    TooShort { at: usize },
+    /// The path goes on past the template's last segment (`at` is the first extra one).
+    TooLong { at: usize },
+    /// Segment `at` is empty (a trailing `/`) where the template wants a value.
+    EmptySegment { at: usize },
+    /// Segment `at` is not the template's literal there.
+    Literal { at: usize },
+}
+
 /// One compiled template segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -404,7 +418,22 @@ impl PathTemplate {
 
     /// Whether `path` matches this template. Does not allocate.
     pub fn matches(&self, path: &SafePath) -> bool {
-        self.matches_segments(path.segments())
+        self.mismatch(path).is_none()
+    }
+
+    /// Why `path` does not match this template (`None`: it matches). The
+    /// one matcher: [`PathTemplate::matches`] and `phi-guard explain` both
+    /// ask it. Does not allocate.
+    pub fn mismatch(&self, path: &SafePath) -> Option<PathMismatch> {
+        self.mismatch_segments(path.segments())
+    }
+
+    /// The literal the template wants at segment `at` (0-based), if it wants one there.
+    pub fn literal_at(&self, at: usize) -> Option<&str> {
+        match self.segments.get(at) {
+            Some(Segment::Literal(lit)) => Some(lit),
+            _ => None,
+        }
     }
 
     /// Whether every path `other` matches is matched by `self` too (so a
@@ -430,25 +459,66 @@ impl PathTemplate {
         theirs.next().is_none()
     }
 
+    /// Whether some path matches both templates (`phi-guard lint`: could
+    /// this rule serve a path under a PHI prefix, or a high-risk path?).
+    pub fn overlaps(&self, other: &PathTemplate) -> bool {
+        let (mut mine, mut theirs) = (self.segments.as_slice(), other.segments.as_slice());
+        loop {
+            match (mine.split_first(), theirs.split_first()) {
+                (None, None) => return true,
+                // `**` needs the `/` before it, so a path that ends there is not matched.
+                (Some((Segment::Rest, _)), Some(_)) | (Some(_), Some((Segment::Rest, _))) => {
+                    return true
+                }
+                (None, Some(_)) | (Some(_), None) => return false,
+                (Some((a, a_rest)), Some((b, b_rest))) => {
+                    let both = match (a, b) {
+                        (Segment::Literal(x), Segment::Literal(y)) => x == y,
+                        (Segment::One, Segment::Literal(l))
+                        | (Segment::Literal(l), Segment::One) => !l.is_empty(),
+                        _ => true,
+                    };
+                    if !both {
+                        return false;
+                    }
+                    (mine, theirs) = (a_rest, b_rest);
+                }
+            }
+        }
+    }
+
+    /// The template's literal segments (decoded), in order.
+    pub fn literals(&self) -> impl Iterator<Item = &str> + '_ {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Literal(l) => Some(l.as_str()),
+            _ => None,
+        })
+    }
+
     /// The template as written in the configuration.
     pub fn as_str(&self) -> &str {
         &self.source
     }
 
-    fn matches_segments<'a>(&self, mut path: impl Iterator<Item = &'a str>) -> bool {
-        for want in &self.segments {
+    fn mismatch_segments<'a>(
+        &self,
+        mut path: impl Iterator<Item = &'a str>,
+    ) -> Option<PathMismatch> {
+        for (at, want) in self.segments.iter().enumerate() {
             let Some(got) = path.next() else {
-                return false;
+                return Some(PathMismatch::TooShort { at });
             };
             match want {
-                Segment::Rest => return true,
-                Segment::One if got.is_empty() => return false,
+                Segment::Rest => return None,
+                Segment::One if got.is_empty() => return Some(PathMismatch::EmptySegment { at }),
                 Segment::One => {}
-                Segment::Literal(lit) if lit != got => return false,
+                Segment::Literal(lit) if lit != got => return Some(PathMismatch::Literal { at }),
                 Segment::Literal(_) => {}
             }
         }
-        path.next().is_none()
+        path.next().map(|_| PathMismatch::TooLong {
+            at: self.segments.len(),
+        })
     }
 }
 
@@ -649,7 +719,7 @@ fn is_scope_token(s: &str) -> bool {
 }
 
 /// The wildcard policy: contains `*`, ends in `:all` / `.all`, or is `all`.
-fn is_wildcard(s: &str) -> bool {
+pub fn is_wildcard(s: &str) -> bool {
     let ends_with = |suffix: &str| {
         s.len()
             .checked_sub(suffix.len())
@@ -927,6 +997,58 @@ mod tests {
                 Err(e) => assert!(e.contains(want), "{t:?}: {e:?} lacks {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn overlaps_when_some_path_matches_both() {
+        let t = |s: &str| PathTemplate::parse(s).unwrap();
+        let cases = [
+            ("/fhir/{rest=**}", "/fhir/Patient/{id}", true),
+            ("/fhir/**", "/fhir", false),
+            ("/fhir/**", "/fhir/", true),
+            ("/fhir", "/fhir", true),
+            ("/fhir/Patient/{id}", "/fhir/{type}/7", true),
+            ("/fhir/Patient/{id}", "/fhir/Observation/{id}", false),
+            ("/fhir/{id}", "/fhir/", false),
+            ("/healthz", "/fhir/**", false),
+            ("/{a}/{b}", "/fhir", false),
+            ("/{a=**}", "/anything/at/all", true),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(t(a).overlaps(&t(b)), want, "{a} vs {b}");
+            assert_eq!(t(b).overlaps(&t(a)), want, "{b} vs {a}");
+        }
+        assert_eq!(
+            t("/fhir/Group/{id}/$export").literals().collect::<Vec<_>>(),
+            ["fhir", "Group", "$export"]
+        );
+    }
+
+    #[test]
+    fn mismatch_says_where() {
+        use PathMismatch::*;
+        let t = PathTemplate::parse("/fhir/Patient/{id}").unwrap();
+        let cases: &[(&str, Option<PathMismatch>)] = &[
+            ("/fhir/Patient/7", None),
+            ("/fhir/Observation/7", Some(Literal { at: 1 })),
+            ("/api/Patient/7", Some(Literal { at: 0 })),
+            ("/fhir/Patient", Some(TooShort { at: 2 })),
+            ("/fhir/Patient/", Some(EmptySegment { at: 2 })),
+            ("/fhir/Patient/7/_history", Some(TooLong { at: 3 })),
+        ];
+        for (raw, want) in cases {
+            let path = SafePath::parse(raw).unwrap();
+            assert_eq!(t.mismatch(&path), *want, "{raw}");
+            assert_eq!(t.matches(&path), want.is_none(), "{raw}");
+        }
+        assert_eq!(t.literal_at(1), Some("Patient"));
+        assert_eq!(t.literal_at(2), None);
+        let rest = PathTemplate::parse("/files/{p=**}").unwrap();
+        assert_eq!(rest.mismatch(&SafePath::parse("/files/a/b").unwrap()), None);
+        assert_eq!(
+            rest.mismatch(&SafePath::parse("/files").unwrap()),
+            Some(TooShort { at: 1 })
+        );
     }
 
     #[test]
@@ -1381,8 +1503,8 @@ mod tests {
             for t in TEMPLATES {
                 let t = PathTemplate::parse(t).unwrap();
                 let here = t.matches(&p);
-                prop_assert_eq!(here, t.matches_segments(a.iter().map(String::as_str)));
-                prop_assert_eq!(here, t.matches_segments(b.iter().map(String::as_str)));
+                prop_assert_eq!(here, t.mismatch_segments(a.iter().map(String::as_str)).is_none());
+                prop_assert_eq!(here, t.mismatch_segments(b.iter().map(String::as_str)).is_none());
             }
 
             // Upstream C decodes twice: the structure (segment count, no dot

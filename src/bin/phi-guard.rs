@@ -19,6 +19,7 @@ const USAGE: &str = "\
 usage: phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env NAME] [--start-anywhere]
        phi-guard audit report <access-log>... [--since T] [--until T] [--subject S] [--client C]
                               [--rule R] [--format text|csv|json] [--key-env NAME] [--start-anywhere]
+       phi-guard lint|explain|schema ...   (policy as code: below)
 
   audit verify   check the tamper-evident audit chains in an Envoy access log
                  (one JSON record per line, raw or in the line's \"audit\" field)
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["--help" | "-h" | "help"] => {
-            print!("{USAGE}");
+            print!("{USAGE}\n{}", phi_guard::cli::USAGE);
             ExitCode::SUCCESS
         }
         ["audit", "verify", rest @ ..] => audit_verify(rest),
@@ -63,8 +64,19 @@ fn main() -> ExitCode {
             }
             ExitCode::from(code)
         }
+        ["lint", rest @ ..] => policy_command(phi_guard::cli::lint_main, rest),
+        ["explain", rest @ ..] => policy_command(phi_guard::cli::explain_main, rest),
+        ["schema", rest @ ..] => policy_command(phi_guard::cli::schema_main, rest),
         _ => usage_error("unknown command"),
     }
+}
+
+/// A subcommand that lives in `phi_guard::cli` (lint, explain, schema).
+fn policy_command(
+    run: fn(&[&str], &mut dyn std::io::Write, &mut dyn std::io::Write) -> u8,
+    args: &[&str],
+) -> ExitCode {
+    ExitCode::from(run(args, &mut std::io::stdout(), &mut std::io::stderr()))
 }
 
 fn usage_error(problem: &str) -> ExitCode {
