@@ -12,6 +12,7 @@ pub mod config;
 pub mod crypto;
 pub mod decision;
 pub mod fetch;
+pub mod fhir;
 pub mod introspection;
 pub mod jwks;
 pub mod pairs;
