@@ -174,9 +174,17 @@ fn per_type(r: &FhirRequest, letters: Letters) -> Vec<Need> {
 /// `system/` scopes only; `Patient/[id]/$everything` reads the patient's
 /// record; any other operation may do anything to its type, so it needs
 /// every interaction there (never from `patient/` scopes: what it touches
-/// cannot be told from the request).
+/// cannot be told from the request). Invoked by `POST`, an operation's
+/// `_type` may lie in its unread body: every type.
 fn operation(r: &FhirRequest) -> Vec<Need> {
     let kind = r.kind.as_deref();
+    let per_type = |r: &FhirRequest, letters| {
+        if r.unread_params {
+            vec![Need::on(None, letters)]
+        } else {
+            per_type(r, letters)
+        }
+    };
     match (r.operation.as_deref(), kind, r.id.as_deref()) {
         (Some("$export"), None | Some("Patient"), None)
         | (Some("$export"), Some("Group"), Some(_)) => per_type(r, Letters::R)

@@ -114,6 +114,9 @@ pub struct FhirRequest {
     pub params: Vec<(String, String)>,
     /// `POST …/_search`: more parameters lie in the form body.
     pub form_body: bool,
+    /// An operation invoked by `POST`: its parameters may lie in a
+    /// `Parameters` body, which is not read, as well as in the query.
+    pub unread_params: bool,
 }
 
 impl FhirRequest {
@@ -126,6 +129,7 @@ impl FhirRequest {
             operation: None,
             params: Vec::new(),
             form_body: false,
+            unread_params: false,
         }
     }
 
@@ -139,8 +143,9 @@ impl FhirRequest {
         self
     }
 
-    fn operation(mut self, name: &str) -> FhirRequest {
+    fn operation(mut self, name: &str, method: &str) -> FhirRequest {
         self.operation = Some(name.to_string());
+        self.unread_params = method == "POST";
         self
     }
 
@@ -211,7 +216,7 @@ fn interaction(method: &str, rest: &[&str]) -> Option<FhirRequest> {
             form_body: true,
             ..r(SearchSystem)
         },
-        ("GET" | "HEAD" | "POST", [op]) if is_operation(op) => r(Operation).operation(op),
+        ("GET" | "HEAD" | "POST", [op]) if is_operation(op) => r(Operation).operation(op, method),
         (_, [kind, ..]) if !is_type(kind) => return None,
         (_, [kind]) if read => r(SearchType).on(kind),
         ("POST", [kind]) => r(Create).on(kind),
@@ -224,7 +229,7 @@ fn interaction(method: &str, rest: &[&str]) -> Option<FhirRequest> {
         },
         (_, [kind, "_history"]) if read => r(HistoryType).on(kind),
         ("GET" | "HEAD" | "POST", [kind, op]) if is_operation(op) => {
-            r(Operation).on(kind).operation(op)
+            r(Operation).on(kind).operation(op, method)
         }
         (_, [_, id, ..]) if !is_id(id) => return None,
         (_, [kind, id]) if read => r(Read).on(kind).at(id),
@@ -234,7 +239,7 @@ fn interaction(method: &str, rest: &[&str]) -> Option<FhirRequest> {
         (_, [kind, id, "_history"]) if read => r(HistoryInstance).on(kind).at(id),
         (_, [kind, id, "_history", vid]) if read && is_id(vid) => r(Vread).on(kind).at(id),
         ("GET" | "HEAD" | "POST", [kind, id, op]) if is_operation(op) => {
-            r(Operation).on(kind).at(id).operation(op)
+            r(Operation).on(kind).at(id).operation(op, method)
         }
         (_, [compartment, id, kind]) if read && is_compartment(compartment) && is_type(kind) => {
             FhirRequest {
