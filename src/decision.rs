@@ -1,12 +1,14 @@
-//! One request's decision: path safety, rule, token, revocation,
-//! introspection, token age, scopes, step-up — in that order, each a value
-//! the host turns into an answer.
+//! One request's decision: path safety, rule (or, under a FHIR base path no
+//! rule matches, the FHIR model), token, revocation, introspection, token
+//! age, scopes (or the FHIR model's SMART grant), step-up — in that order,
+//! each a value the host turns into an answer.
 
 use std::rc::Rc;
 
 use crate::answer::{Challenge, Reason, StepUpFailure};
 use crate::budget::VerificationBudget;
 use crate::config::{ForwardedClaim, Policy, Rule, StepUp};
+use crate::fhir::{self, Body, FhirRequest, Refusal, Routed, Seen};
 use crate::introspection::{self, IntrospectionCache, Outcome, TokenKey};
 use crate::jwks::KeySet;
 use crate::revocation::RevocationList;
@@ -23,6 +25,8 @@ pub struct Request<'a> {
     pub authorization: &'a [&'a str],
     /// The downstream address (Envoy's `source.address`), for the verification budget.
     pub source: Option<&'a str>,
+    /// The body, as far as read: only a FHIR `_search` ever asks for it.
+    pub body: Body<'a>,
 }
 
 /// The outcome of [`decide`].
@@ -53,6 +57,8 @@ pub enum WaitFor {
     /// The authorization server's answer about the token with SHA-256 `key`
     /// (an `introspect` rule).
     Introspection { provider: usize, key: TokenKey },
+    /// The request's form body: a FHIR `_search` the FHIR model decides.
+    Body,
 }
 
 /// The revocation list as the worker holds it.
@@ -105,8 +111,9 @@ impl State {
     }
 }
 
-/// Counters the host turns into stats.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What the decision saw besides its verdict: counters the host turns into
+/// stats, and what the audit record shows of a FHIR request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Trace {
     /// Whether the verified-token cache answered (`None`: not consulted).
     pub token_cache_hit: Option<bool>,
@@ -115,6 +122,8 @@ pub struct Trace {
     pub revocation_stale: bool,
     /// Whether a kept introspection answer was found (`None`: not asked).
     pub introspection_cache_hit: Option<bool>,
+    /// A request under the FHIR base path, as the FHIR model read it.
+    pub fhir: Option<Seen>,
 }
 
 /// Decides `req` at Unix time `now`.
@@ -146,13 +155,9 @@ pub fn decide(
         Ok(p) => p,
         Err(_) => return deny(Reason::BadPath, None, None),
     };
-    let Some((index, rule)) = policy
-        .rules
-        .iter()
-        .enumerate()
-        .find(|(_, r)| r.allows_method(req.method) && r.path.matches(&path))
-    else {
-        return deny(Reason::NoRule, None, None);
+    let (index, rule, fhir_request) = match route(policy, req, &path, trace) {
+        Ok(routed) => routed,
+        Err(verdict) => return verdict,
     };
     if rule.public {
         return Verdict::Allow {
@@ -262,7 +267,93 @@ pub fn decide(
             Err(Held::Deny(reason)) => return deny(reason, Some(index), Some(verified)),
         }
     }
+    if let Some(request) = &fhir_request {
+        if let Err(refused) = smart_granted(policy, request, index, &verified, trace) {
+            return refused;
+        }
+    }
     authorized(policy, rule, index, verified, now)
+}
+
+/// The rule a request lands on: the first explicit rule whose method and
+/// path match; else, under a `fhir` block's base path, the FHIR model's
+/// (with the FHIR request it judges once a token verified). A FHIR request
+/// is also described for the record, whichever decides it.
+fn route<'p>(
+    policy: &'p Policy,
+    req: &Request<'_>,
+    path: &SafePath,
+    trace: &mut Trace,
+) -> Result<Landing<'p>, Verdict> {
+    let no_rule = || Verdict::Deny {
+        reason: Reason::NoRule,
+        rule: None,
+        token: None,
+    };
+    let explicit = policy
+        .rules
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.allows_method(req.method) && r.path.matches(path));
+    let Some(f) = &policy.fhir else {
+        return explicit.map(|(i, r)| (i, r, None)).ok_or_else(no_rule);
+    };
+    if let Some((i, r)) = explicit {
+        trace.fhir = fhir::describe(f, req.method, path, req.path);
+        return Ok((i, r, None));
+    }
+    let refused = |reason| Verdict::Deny {
+        reason,
+        rule: Some(policy.fhir_rule(false)),
+        token: None,
+    };
+    let (index, request) =
+        match fhir::route(f, req.method, path, req.path, req.body, &mut trace.fhir) {
+            Routed::Outside | Routed::Refused(Refusal::Unrecognised) => return Err(no_rule()),
+            Routed::Refused(Refusal::BadRequest) => return Err(refused(Reason::BadFhirRequest)),
+            Routed::Refused(Refusal::BodyTooLarge) => return Err(refused(Reason::BodyTooLarge)),
+            Routed::NeedBody => return Err(Verdict::Wait(WaitFor::Body)),
+            Routed::Public => (policy.fhir_rule(true), None),
+            Routed::Protected(r) => (policy.fhir_rule(false), Some(r)),
+        };
+    let rule = policy.rule(index).ok_or_else(no_rule)?;
+    Ok((index, rule, request))
+}
+
+/// Where [`route`] lands a request: the rule's index, the rule, and the
+/// FHIR request when the FHIR model decides it.
+type Landing<'p> = (usize, &'p Rule, Option<FhirRequest>);
+
+/// The FHIR model's grant: the token's SMART scopes (and launch patient)
+/// against the request, in place of a rule's scopes. The narrowest scopes
+/// that allow it go to the record, and to the challenge of a refusal.
+fn smart_granted(
+    policy: &Policy,
+    request: &FhirRequest,
+    index: usize,
+    verified: &Rc<VerifiedToken>,
+    trace: &mut Trace,
+) -> Result<(), Verdict> {
+    let Some(f) = &policy.fhir else {
+        return Ok(());
+    };
+    let judged = fhir::judge(
+        f,
+        request,
+        verified.scopes.iter(),
+        verified.patient.as_deref(),
+    );
+    if let Some(seen) = trace.fhir.as_mut() {
+        seen.scopes = judged.scopes;
+    }
+    if judged.allowed {
+        return Ok(());
+    }
+    Err(Verdict::Deny {
+        reason: Reason::InsufficientScope,
+        rule: Some(index),
+        token: Some(Rc::clone(verified)),
+    })
 }
 
 /// Revocation, then the per-rule checks, for a token known by its
@@ -415,12 +506,16 @@ fn check_step_up(
     Ok(())
 }
 
-/// What a challenge for `rule` must name.
-pub fn challenge(rule: Option<&Rule>) -> Challenge<'_> {
+/// What a challenge for `rule` must name; for the FHIR model's decisions
+/// (`fhir` holds the scopes it judged), the narrowest SMART scopes.
+pub fn challenge<'a>(rule: Option<&'a Rule>, fhir: Option<&'a Seen>) -> Challenge<'a> {
+    let judged = fhir.map(|f| f.scopes.as_slice()).filter(|s| !s.is_empty());
     match rule {
         None => Challenge::default(),
         Some(r) => Challenge {
-            scopes: if r.scopes.is_empty() {
+            scopes: if let Some(judged) = judged {
+                judged
+            } else if r.scopes.is_empty() {
                 &r.scopes_any
             } else {
                 &r.scopes
@@ -483,6 +578,7 @@ mod tests {
             path: c.path,
             authorization: &auth,
             source: None,
+            body: Body::Unread,
         };
         decide(
             policy,
@@ -830,6 +926,7 @@ mod tests {
                 path: "/fhir/Patient/1",
                 authorization: &auth,
                 source: Some(source),
+                body: Body::Unread,
             };
             let v = decide(
                 &policy,
@@ -900,6 +997,7 @@ mod tests {
                 path: "/fhir/Patient/1",
                 authorization: &auth,
                 source: Some(a),
+                body: Body::Unread,
             };
             let v = decide(
                 &policy,
@@ -949,6 +1047,7 @@ mod tests {
                 path,
                 authorization: &auth,
                 source: None,
+                body: Body::Unread,
             };
             let facts = Facts {
                 keys: &keys,
@@ -1022,6 +1121,7 @@ mod tests {
                 path,
                 authorization: &auth,
                 source: None,
+                body: Body::Unread,
             };
             let facts = Facts {
                 keys: &keys,
@@ -1228,6 +1328,7 @@ mod tests {
                 path,
                 authorization: &auth,
                 source: None,
+                body: Body::Unread,
             };
             let facts = Facts {
                 keys: &keys,
@@ -1283,6 +1384,7 @@ mod tests {
             path: "/fhir/Patient/1",
             authorization: &auth,
             source: None,
+            body: Body::Unread,
         };
         let mut state = State {
             cache: TokenCache::new(10),
@@ -1472,12 +1574,12 @@ mod tests {
                 ("x-phi-scopes", "read:patient-profile".to_string())
             ]
         );
-        let ch = challenge(Some(&policy.rules[5]));
+        let ch = challenge(Some(&policy.rules[5]), None);
         assert_eq!(ch.scopes, ["export:bulk"]);
         assert_eq!(ch.acr_values, ["urn:mfa", "urn:hw"]);
         assert_eq!(ch.max_age, Some(300));
         assert_eq!(
-            challenge(Some(&policy.rules[4])).scopes,
+            challenge(Some(&policy.rules[4]), None).scopes,
             ["docs:read", "docs:admin"]
         );
     }
@@ -1524,6 +1626,7 @@ mod hostile {
             path,
             authorization: auth,
             source: None,
+            body: Body::Unread,
         };
         decide(
             &f.policy,
@@ -1950,6 +2053,7 @@ mod modelled {
             path: &path,
             authorization: &auth,
             source: None,
+            body: Body::Unread,
         };
         let verdict = decide(
             &f.policy,

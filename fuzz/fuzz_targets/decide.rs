@@ -17,13 +17,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use phi_guard::answer::{deny, Reason};
+use phi_guard::budget::VerificationBudget;
 use phi_guard::decision::{
     challenge, decide, forwarded_headers, Facts, Request, Revocations, State, Trace, Verdict,
     WaitFor,
 };
+use phi_guard::fhir::Body;
 use phi_guard::rules::SafePath;
 use phi_guard::token::{extract_bearer, TokenCache};
-use phi_guard::budget::VerificationBudget;
 use phi_guard_fuzz::{fixture, NOW};
 
 fuzz_target!(|data: &[u8]| {
@@ -43,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
         path,
         authorization: &authorization,
         source: Some("192.0.2.1:4000"),
+        body: Body::Unread,
     };
     let keys = |_: usize| (!no_keys).then_some(&f.keys);
     let facts = Facts {
@@ -113,7 +115,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Verdict::Deny { reason, rule, .. } => {
             let rule = rule.and_then(|i| policy.rules.get(i));
-            let answer = deny(*reason, &policy.realm, challenge(rule));
+            let answer = deny(*reason, &policy.realm, challenge(rule, None));
             assert!((400..600).contains(&answer.status));
             if let Some(www) = answer.www_authenticate {
                 assert!(!www.chars().any(char::is_control), "{www:?}");
@@ -148,5 +150,6 @@ fn summary(v: &Verdict) -> (u8, Option<Reason>, Option<usize>) {
         }) => (2 + u8::from(*unknown_kid), None, Some(*provider)),
         Verdict::Wait(WaitFor::Revocations) => (4, None, None),
         Verdict::Wait(WaitFor::Introspection { provider, .. }) => (5, None, Some(*provider)),
+        Verdict::Wait(WaitFor::Body) => (6, None, None),
     }
 }

@@ -161,6 +161,7 @@ fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> (Verdict, Trace
         path: &p.path,
         authorization: &auth,
         source: p.source.as_deref(),
+        body: crate::fhir::Body::Unread,
     };
     w.decide(&req, now, may_wait)
 }
@@ -253,9 +254,10 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
         Verdict::Wait(WaitFor::Introspection { .. }) => {
             (Reason::IntrospectionUnavailable, None, None)
         }
+        Verdict::Wait(WaitFor::Body) => (Reason::BadFhirRequest, None, None),
     };
     w.metrics.decision(reason);
-    let rule_ref = rule.and_then(|i| policy.rules.get(i));
+    let rule_ref = rule.and_then(|i| policy.rule(i));
     p.record = Some(draft(
         p,
         reason,
@@ -270,7 +272,7 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
         }
         return Action::Continue;
     }
-    let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref));
+    let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref, None));
     let mut headers = vec![
         ("content-type", "text/plain"),
         ("cache-control", "no-store"),

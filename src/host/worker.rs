@@ -129,6 +129,8 @@ impl Worker {
             WaitFor::Introspection { provider, key } => {
                 Some(Awaited::Introspection { provider, key })
             }
+            // The client sends it; nothing to fetch.
+            WaitFor::Body => None,
         }
     }
 
