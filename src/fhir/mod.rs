@@ -330,3 +330,6 @@ mod tests {
         assert_eq!(d("GET", "/elsewhere"), None);
     }
 }
+
+#[cfg(test)]
+mod table;
