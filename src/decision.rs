@@ -45,6 +45,17 @@ pub enum Verdict {
     },
     /// A fetch may bring what the decision lacks; ask again after it.
     Wait(WaitFor),
+    /// A FHIR `_search` whose form body must be read: every check that does
+    /// not need it passed, and the token holds a search scope it could
+    /// grant. Envoy cannot hold a request's headers while a wasm filter
+    /// reads its body, so the host sends them on as for an allow (`rule`,
+    /// `token`: identity headers set, token removed), holds the body whole,
+    /// and asks again with it; a refusal then resets the upstream request
+    /// before its body, and so before the search.
+    NeedBody {
+        rule: usize,
+        token: Option<Rc<VerifiedToken>>,
+    },
 }
 
 /// What a waiting request waits for.
@@ -57,8 +68,6 @@ pub enum WaitFor {
     /// The authorization server's answer about the token with SHA-256 `key`
     /// (an `introspect` rule).
     Introspection { provider: usize, key: TokenKey },
-    /// The request's form body: a FHIR `_search` the FHIR model decides.
-    Body,
 }
 
 /// The revocation list as the worker holds it.
@@ -268,6 +277,9 @@ pub fn decide(
         }
     }
     if let Some(request) = &fhir_request {
+        if request.form_pending {
+            return form_needed(policy, request, index, verified, trace);
+        }
         if let Err(refused) = smart_granted(policy, request, index, &verified, trace) {
             return refused;
         }
@@ -312,12 +324,41 @@ fn route<'p>(
             Routed::Outside | Routed::Refused(Refusal::Unrecognised) => return Err(no_rule()),
             Routed::Refused(Refusal::BadRequest) => return Err(refused(Reason::BadFhirRequest)),
             Routed::Refused(Refusal::BodyTooLarge) => return Err(refused(Reason::BodyTooLarge)),
-            Routed::NeedBody => return Err(Verdict::Wait(WaitFor::Body)),
             Routed::Public => (policy.fhir_rule(true), None),
             Routed::Protected(r) => (policy.fhir_rule(false), Some(r)),
         };
     let rule = policy.rule(index).ok_or_else(no_rule)?;
     Ok((index, rule, request))
+}
+
+/// A `_search` whose form is not read yet: worth reading when the token
+/// holds a scope that could grant the search; refused now otherwise.
+fn form_needed(
+    policy: &Policy,
+    request: &FhirRequest,
+    index: usize,
+    verified: Rc<VerifiedToken>,
+    trace: &mut Trace,
+) -> Verdict {
+    let worth_reading = policy
+        .fhir
+        .as_ref()
+        .is_some_and(|f| fhir::may_search(f, request, verified.scopes.iter()));
+    if worth_reading {
+        return Verdict::NeedBody {
+            rule: index,
+            token: Some(verified),
+        };
+    }
+    // Refused whatever the form holds; named as the query alone reads.
+    match smart_granted(policy, request, index, &verified, trace) {
+        Err(refused) => refused,
+        Ok(()) => Verdict::Deny {
+            reason: Reason::InsufficientScope,
+            rule: Some(index),
+            token: Some(verified),
+        },
+    }
 }
 
 /// Where [`route`] lands a request: the rule's index, the rule, and the
@@ -602,7 +643,7 @@ mod tests {
         match v {
             Verdict::Deny { reason, .. } => Some(*reason),
             Verdict::Allow { .. } => Some(Reason::Ok),
-            Verdict::Wait(_) => None,
+            Verdict::Wait(_) | Verdict::NeedBody { .. } => None,
         }
     }
 
@@ -2072,7 +2113,9 @@ mod modelled {
         let got = match &verdict {
             Verdict::Allow { rule, .. } => (Reason::Ok, rule_id(&Some(*rule))),
             Verdict::Deny { reason, rule, .. } => (*reason, rule_id(rule)),
-            Verdict::Wait(_) => return Err(TestCaseError::fail("asked to wait when it may not")),
+            Verdict::Wait(_) | Verdict::NeedBody { .. } => {
+                return Err(TestCaseError::fail("asked to wait when it may not"))
+            }
         };
         let want = expect(c, &method);
         prop_assert_eq!(got, (want.0, want.1), "{} {} {:?}", method, path, auth);

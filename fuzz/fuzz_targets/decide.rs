@@ -90,6 +90,7 @@ fuzz_target!(|data: &[u8]| {
             _ => assert_eq!(*rule, first_match),
         },
         Verdict::Wait(_) => assert!(first_match.is_some()),
+        Verdict::NeedBody { .. } => panic!("the shipped policy reads no body"),
     }
 
     match &first {
@@ -125,6 +126,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(may_wait && *provider < policy.providers.len());
         }
         Verdict::Wait(w) => panic!("waits for {w:?}, which the policy does not use"),
+        Verdict::NeedBody { .. } => unreachable!("checked above"),
     }
 });
 
@@ -150,6 +152,6 @@ fn summary(v: &Verdict) -> (u8, Option<Reason>, Option<usize>) {
         }) => (2 + u8::from(*unknown_kid), None, Some(*provider)),
         Verdict::Wait(WaitFor::Revocations) => (4, None, None),
         Verdict::Wait(WaitFor::Introspection { provider, .. }) => (5, None, Some(*provider)),
-        Verdict::Wait(WaitFor::Body) => (6, None, None),
+        Verdict::NeedBody { rule, .. } => (6, None, Some(*rule)),
     }
 }

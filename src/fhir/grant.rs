@@ -92,6 +92,23 @@ pub fn judge<'g>(
     }
 }
 
+/// Whether `granted` hold any scope that could grant a search on `r`'s
+/// type (any type for a system search, whose form may hold `_type`), in
+/// any context, constrained or not: only then is a `_search` form body
+/// worth reading.
+pub fn may_search<'g>(
+    fhir: &Fhir,
+    r: &FhirRequest,
+    granted: impl Iterator<Item = &'g str>,
+) -> bool {
+    granted
+        .filter_map(|s| SmartScope::parse(s, fhir.smart_v1))
+        .any(|s| {
+            s.letters.contains(Letters::S)
+                && (r.kind.is_none() || s.kind.is_none() || s.kind == r.kind)
+        })
+}
+
 /// The letters `context`'s scopes grant for `need`: unconstrained scopes
 /// on its type (or `*`) all theirs; a query-constrained one only `s`, and
 /// only for a search whose parameters carry each constraint.
@@ -581,6 +598,34 @@ mod tests {
                 "{m} {p}"
             );
         }
+    }
+
+    #[test]
+    fn a_search_body_is_worth_reading_only_with_a_search_scope() {
+        let f = fhir(false, true);
+        let r = req("POST", "/fhir/Observation/_search");
+        let may = |scopes: &str| may_search(&f, &r, scopes.split(' '));
+        for yes in [
+            "patient/Observation.rs",
+            "user/Observation.s",
+            "system/*.s",
+            "patient/Observation.s?category=x",
+        ] {
+            assert!(may(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "patient/Observation.r",
+            "user/Condition.s",
+            "launch openid",
+            "user/Observation.cud",
+        ] {
+            assert!(!may(no), "{no}");
+        }
+        // A system search's form may name any type.
+        let system = req("POST", "/fhir/_search");
+        assert!(may_search(&f, &system, ["user/Condition.s"].into_iter()));
+        assert!(!may_search(&f, &system, ["user/Condition.r"].into_iter()));
     }
 
     #[test]

@@ -5,16 +5,17 @@
 //! `patient/` scopes ([`grant`]). Metadata and the SMART configuration are
 //! public; anything unrecognised is refused.
 //!
-//! [`route`] reads the request (asking for the form body of a `_search`
-//! first) and [`judge`] weighs a verified token against it; `decision`
-//! joins them into the order of checks.
+//! [`route`] reads the request and [`judge`] weighs a verified token
+//! against it; `decision` joins them into the order of checks. A `_search`
+//! form body is read last, once the token passed every check that does not
+//! need it and [`may_search`] says its scopes could grant the search.
 
 pub mod grant;
 pub mod r4;
 pub mod request;
 pub mod smart;
 
-pub use grant::{compartment, judge, Judgement};
+pub use grant::{compartment, judge, may_search, Judgement};
 pub use request::{FhirRequest, Interaction, MAX_SEARCH_BODY};
 
 use crate::config::Fhir;
@@ -69,8 +70,6 @@ pub enum Routed {
     /// Not under `base_path`.
     Outside,
     Refused(Refusal),
-    /// The `_search` form body must be read first.
-    NeedBody,
     /// Anyone may read it (`metadata`, `.well-known/smart-configuration`).
     Public,
     /// A token must grant it ([`judge`]).
@@ -109,7 +108,11 @@ pub fn route(
     }
     if r.form_body {
         let read = match body {
-            Body::Unread => return Routed::NeedBody,
+            // Read once a token could be granted the search (`decision`).
+            Body::Unread => {
+                r.form_pending = true;
+                Ok(())
+            }
             Body::TooLarge => return Routed::Refused(Refusal::BodyTooLarge),
             Body::Unreadable => return Routed::Refused(Refusal::BadRequest),
             Body::Read { bytes, .. } if bytes.len() > MAX_SEARCH_BODY => {
@@ -188,7 +191,11 @@ mod tests {
     fn search_bodies_are_asked_for_bounded_and_typed() {
         let f = fhir(true);
         let path = "/fhir/Observation/_search?code=x";
-        assert_eq!(routed(&f, "POST", path, Body::Unread).0, Routed::NeedBody);
+        // Unread: the query's parameters, the form still to come.
+        let Routed::Protected(r) = routed(&f, "POST", path, Body::Unread).0 else {
+            panic!("unread form")
+        };
+        assert!(r.form_pending && r.params.len() == 1);
         let body = |bytes: &'static [u8], content_type| Body::Read {
             content_type,
             bytes,
@@ -197,6 +204,7 @@ mod tests {
         let Routed::Protected(r) = r else {
             panic!("{r:?}")
         };
+        assert!(!r.form_pending);
         let params: Vec<(&str, &str)> = r
             .params
             .iter()

@@ -114,6 +114,8 @@ pub struct FhirRequest {
     pub params: Vec<(String, String)>,
     /// `POST …/_search`: more parameters lie in the form body.
     pub form_body: bool,
+    /// The form body is not read yet: `params` hold the query's only.
+    pub form_pending: bool,
     /// An operation invoked by `POST`: its parameters may lie in a
     /// `Parameters` body, which is not read, as well as in the query.
     pub unread_params: bool,
@@ -129,6 +131,7 @@ impl FhirRequest {
             operation: None,
             params: Vec::new(),
             form_body: false,
+            form_pending: false,
             unread_params: false,
         }
     }

@@ -6,7 +6,8 @@
 //! rows marked `e2e` through the real Envoy.
 //!
 //! A `_search` is decided the way the host does it: first without its
-//! body, which the core must ask for, then with it.
+//! form body, which the core asks for once the token could be granted the
+//! search, then with it.
 
 use std::collections::BTreeMap;
 
@@ -14,9 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Policy;
-use crate::decision::{
-    challenge, decide, Facts, Request, Revocations, State, Trace, Verdict, WaitFor,
-};
+use crate::decision::{challenge, decide, Facts, Request, Revocations, State, Trace, Verdict};
 use crate::fhir::{Body, MAX_SEARCH_BODY};
 use crate::testkit::{Kit, NOW};
 
@@ -63,6 +62,8 @@ struct Row {
     patient: Option<String>,
     #[serde(default)]
     e2e: bool,
+    /// Whether the core asks for the form body (a `_search` it decides).
+    reads_body: Option<bool>,
     why: String,
 }
 
@@ -123,12 +124,20 @@ fn run(kit: &Kit, policy: &Policy, row: &Row) -> Outcome {
         .as_deref()
         .or(Some("application/x-www-form-urlencoded"))
         .filter(|_| row.form.is_some());
+    // As the host has it: a request without a body ends with its headers.
     let mut req = Request {
         method: &row.method,
         path: &row.path,
         authorization: &auth,
         source: None,
-        body: Body::Unread,
+        body: if row.form.is_some() {
+            Body::Unread
+        } else {
+            Body::Read {
+                content_type: None,
+                bytes: &[],
+            }
+        },
     };
     let facts = Facts {
         keys: &|_| Some(&kit.keys),
@@ -138,7 +147,7 @@ fn run(kit: &Kit, policy: &Policy, row: &Row) -> Outcome {
     let mut trace = Trace::default();
     let mut verdict = decide(policy, &facts, &mut state, &req, NOW, false, &mut trace);
     let mut asked_for_body = false;
-    if let Verdict::Wait(WaitFor::Body) = verdict {
+    if let Verdict::NeedBody { .. } = verdict {
         asked_for_body = true;
         req.body = if bytes.len() > MAX_SEARCH_BODY {
             Body::TooLarge
@@ -155,6 +164,7 @@ fn run(kit: &Kit, policy: &Policy, row: &Row) -> Outcome {
         Verdict::Allow { rule, .. } => ("ok".to_string(), Some(*rule)),
         Verdict::Deny { reason, rule, .. } => (reason.code().to_string(), *rule),
         Verdict::Wait(w) => (format!("wait {w:?}"), None),
+        Verdict::NeedBody { .. } => ("asks for the body twice".into(), None),
     };
     let rule = rule.and_then(|i| policy.rule(i));
     let scope = match &verdict {
@@ -308,5 +318,7 @@ fn the_table_covers_every_interaction_and_outcome() {
     assert!(count(&|r| r.scopes.contains('?')) >= 10);
     assert!(count(&|r| r.why.starts_with("spec:")) >= 20);
     assert!(count(&|r| r.e2e) >= 25);
+    assert!(count(&|r| r.reads_body == Some(true)) >= 5);
+    assert!(count(&|r| r.reads_body == Some(false)) >= 2);
     assert!(table.rows.iter().all(|r| !r.why.is_empty()));
 }

@@ -254,7 +254,7 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
         Verdict::Wait(WaitFor::Introspection { .. }) => {
             (Reason::IntrospectionUnavailable, None, None)
         }
-        Verdict::Wait(WaitFor::Body) => (Reason::BadFhirRequest, None, None),
+        Verdict::NeedBody { .. } => (Reason::BadFhirRequest, None, None),
     };
     w.metrics.decision(reason);
     let rule_ref = rule.and_then(|i| policy.rule(i));

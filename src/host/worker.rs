@@ -129,8 +129,6 @@ impl Worker {
             WaitFor::Introspection { provider, key } => {
                 Some(Awaited::Introspection { provider, key })
             }
-            // The client sends it; nothing to fetch.
-            WaitFor::Body => None,
         }
     }
 
