@@ -5,12 +5,13 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, MapType};
+use proxy_wasm::types::{Action, BufferType, MapType};
 
 use crate::answer::{self, Reason};
 use crate::audit::{self, AuditRecord};
 use crate::config::Policy;
 use crate::decision::{self, Request, Trace, Verdict, WaitFor};
+use crate::fhir::{self, Body, Seen};
 use crate::pairs;
 use crate::token::{self, VerifiedToken};
 
@@ -42,6 +43,27 @@ pub struct Pending {
     waited_for_answer: bool,
     /// What this request waited for; each is waited for once.
     waited_on: Vec<Awaited>,
+    /// The request's `content-type`, for a FHIR `_search` form body.
+    content_type: Option<String>,
+    body: BodyRead,
+    /// Paused until the whole body is here: the core asked for it.
+    awaiting_body: bool,
+    /// The headers went on ahead of the body the core asked for (with the
+    /// identity headers set): its caches were counted then.
+    headers_sent: bool,
+}
+
+/// What was read of the request body: only ever a FHIR `_search`'s, which
+/// the core asks for ([`Verdict::NeedBody`]).
+#[derive(Default)]
+enum BodyRead {
+    #[default]
+    Unread,
+    Read(Vec<u8>),
+    /// Over `fhir::MAX_SEARCH_BODY`: the rest is not waited for.
+    TooLarge,
+    /// The host did not hand it over, or trailers followed it.
+    Unreadable,
 }
 
 pub struct Filter {
@@ -65,7 +87,7 @@ impl Filter {
 impl Context for Filter {}
 
 impl HttpContext for Filter {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         let Some(worker) = self.worker.clone() else {
             let _ = abi::send_response(
                 503,
@@ -83,6 +105,7 @@ impl HttpContext for Filter {
             authorization,
             request_id,
             spoofed,
+            content_type,
             ..
         } = &mut *p;
         // Values may hold any byte but NUL/CR/LF; lossy text is safe here: a
@@ -94,10 +117,63 @@ impl HttpContext for Filter {
                 b":path" => *path = text(value),
                 b"authorization" => authorization.push(text(value)),
                 b"x-request-id" => *request_id = String::from_utf8(value.to_vec()).ok(),
+                b"content-type" => *content_type = Some(text(value)),
                 other => *spoofed |= is_identity_header(&w.policy, other),
             }
         }
+        if end_of_stream {
+            p.body = BodyRead::Read(Vec::new());
+        }
         p.source = property_string(&["source", "address"]);
+        decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
+    }
+
+    /// Reads the body the core asked for (a FHIR `_search`'s form), held
+    /// whole up to `fhir::MAX_SEARCH_BODY`, then decides again. Other bodies
+    /// pass: a request paused on its headers gets none until it goes on.
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(worker) = self.worker.clone() else {
+            return Action::Pause;
+        };
+        let mut w = worker.borrow_mut();
+        let mut p = self.pending.borrow_mut();
+        if !p.awaiting_body {
+            return if p.paused {
+                Action::Pause
+            } else {
+                Action::Continue
+            };
+        }
+        if body_size > fhir::MAX_SEARCH_BODY {
+            p.body = BodyRead::TooLarge;
+        } else if !end_of_stream {
+            return Action::Pause;
+        } else {
+            p.body = match abi::buffer(BufferType::HttpRequestBody, 0, body_size) {
+                Ok(bytes) => BodyRead::Read(bytes.unwrap_or_default()),
+                Err(_) => BodyRead::Unreadable,
+            };
+        }
+        p.awaiting_body = false;
+        decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
+    }
+
+    /// Trailers after a body the core waits for: a form never has them.
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        let Some(worker) = self.worker.clone() else {
+            return Action::Pause;
+        };
+        let mut w = worker.borrow_mut();
+        let mut p = self.pending.borrow_mut();
+        if !p.awaiting_body {
+            return if p.paused {
+                Action::Pause
+            } else {
+                Action::Continue
+            };
+        }
+        p.body = BodyRead::Unreadable;
+        p.awaiting_body = false;
         decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
     }
 
@@ -130,7 +206,15 @@ impl Filter {
         p.paused = false;
         let w = worker.borrow();
         w.metrics.decision(Reason::ClientClosed);
-        let record = draft(&p, Reason::ClientClosed, None, None, &w.policy, now_ms());
+        let record = draft(
+            &p,
+            Reason::ClientClosed,
+            None,
+            None,
+            (None, None),
+            &w.policy,
+            now_ms(),
+        );
         p.record = Some(record);
     }
 
@@ -161,7 +245,15 @@ fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> (Verdict, Trace
         path: &p.path,
         authorization: &auth,
         source: p.source.as_deref(),
-        body: crate::fhir::Body::Unread,
+        body: match &p.body {
+            BodyRead::Unread => Body::Unread,
+            BodyRead::Read(bytes) => Body::Read {
+                content_type: p.content_type.as_deref(),
+                bytes,
+            },
+            BodyRead::TooLarge => Body::TooLarge,
+            BodyRead::Unreadable => Body::Unreadable,
+        },
     };
     w.decide(&req, now, may_wait)
 }
@@ -216,9 +308,25 @@ fn decide_or_park(
         }
         (verdict, trace) = run(w, p, now, false);
     }
+    if let Verdict::NeedBody { rule, token } = &verdict {
+        // Envoy holds no headers while a wasm filter reads the body: they go
+        // on now, as for an allow, and on_http_request_body holds the body
+        // whole and decides again; a refusal then resets the upstream request.
+        let policy = Rc::clone(&w.policy);
+        if let Some(rule) = policy.rule(*rule) {
+            forward(p, &policy, rule, token.as_deref());
+        }
+        w.count_caches(&trace, &verdict, p.waited, p.waited_for_answer);
+        p.headers_sent = true;
+        p.awaiting_body = true;
+        p.paused = true;
+        return Action::Continue;
+    }
     p.paused = false;
-    w.count_caches(trace, &verdict, p.waited, p.waited_for_answer);
-    apply(w, p, verdict, now)
+    if !p.headers_sent {
+        w.count_caches(&trace, &verdict, p.waited, p.waited_for_answer);
+    }
+    apply(w, p, verdict, &trace, now)
 }
 
 /// Called by the root, with this request's context made effective, once
@@ -239,7 +347,7 @@ pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, waiter: &Waiter, now: u64) {
 }
 
 /// Carries out a verdict on the current request and drafts its audit record.
-fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Action {
+fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, trace: &Trace, now_ms: u64) -> Action {
     let policy = Rc::clone(&w.policy);
     let (reason, rule, token) = match &verdict {
         Verdict::Allow { rule, token } => (Reason::Ok, Some(*rule), token.clone()),
@@ -254,25 +362,37 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
         Verdict::Wait(WaitFor::Introspection { .. }) => {
             (Reason::IntrospectionUnavailable, None, None)
         }
+        // decide_or_park sends the headers on and reads the body instead.
         Verdict::NeedBody { .. } => (Reason::BadFhirRequest, None, None),
     };
     w.metrics.decision(reason);
     let rule_ref = rule.and_then(|i| policy.rule(i));
+    // The patient is named in the record only by its keyed fingerprint.
+    let patient_fp = trace
+        .fhir
+        .as_ref()
+        .and_then(|f| f.patient.as_deref())
+        .and_then(|id| w.chain.patient_fp(id));
     p.record = Some(draft(
         p,
         reason,
         rule_ref,
         token.as_deref(),
+        (trace.fhir.as_ref(), patient_fp),
         &policy,
         now_ms,
     ));
     if reason == Reason::Ok {
-        if let Some(rule) = rule_ref {
+        if let Some(rule) = rule_ref.filter(|_| !p.headers_sent) {
             forward(p, &policy, rule, token.as_deref());
         }
         return Action::Continue;
     }
-    let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref, None));
+    let answer = answer::deny(
+        reason,
+        &policy.realm,
+        decision::challenge(rule_ref, trace.fhir.as_ref()),
+    );
     let mut headers = vec![
         ("content-type", "text/plain"),
         ("cache-control", "no-store"),
@@ -331,15 +451,18 @@ fn property_string(path: &[&str]) -> Option<String> {
         .and_then(|b| String::from_utf8(b).ok())
 }
 
-/// The audit record of a decision, before the status and chain are known.
+/// The audit record of a decision, before the status and chain are known;
+/// `fhir` is what the FHIR model saw and the patient's fingerprint.
 fn draft(
     p: &Pending,
     reason: Reason,
     rule: Option<&crate::config::Rule>,
     token: Option<&VerifiedToken>,
+    fhir: (Option<&Seen>, Option<String>),
     policy: &Policy,
     now_ms: u64,
 ) -> AuditRecord {
+    let (seen, patient_fp) = fhir;
     let token_fp = match (token, rule) {
         (Some(t), _) => Some(t.fingerprint.clone()),
         // A public rule ignores any token, so the record does not name one.
@@ -380,16 +503,20 @@ fn draft(
         scopes_granted: token
             .map(|t| t.scopes.iter().map(str::to_owned).collect())
             .unwrap_or_default(),
+        // A rule's scopes, or the narrowest SMART scopes the FHIR model judged.
         scopes_required: rule
-            .map(|r| r.scopes.iter().chain(&r.scopes_any).cloned().collect())
-            .unwrap_or_default(),
+            .into_iter()
+            .flat_map(|r| r.scopes.iter().chain(&r.scopes_any))
+            .chain(seen.into_iter().flat_map(|s| &s.scopes))
+            .cloned()
+            .collect(),
         acr: token.and_then(|t| t.acr.clone()),
         amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
         source: p.source.clone(),
         tls: property_string(&["connection", "tls_version"]),
-        fhir_interaction: None,
-        fhir_type: None,
-        patient_fp: None,
+        fhir_interaction: seen.map(|s| s.interaction.code().to_string()),
+        fhir_type: seen.and_then(|s| s.kind.clone()),
+        patient_fp,
         vm: String::new(),
         seq: 0,
         chain: String::new(),

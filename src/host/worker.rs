@@ -205,7 +205,7 @@ impl Worker {
     /// once (and counted as a miss when it started waiting).
     pub fn count_caches(
         &self,
-        trace: Trace,
+        trace: &Trace,
         verdict: &Verdict,
         waited: bool,
         waited_for_answer: bool,
