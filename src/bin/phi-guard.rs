@@ -5,15 +5,20 @@
 //! that no chain ends before the heads its VM wrote to Envoy's log: exit 0
 //! when intact and complete, 1 with the first damaged line or every chain
 //! that falls short of its checkpoints, 2 on a usage error.
+//!
+//! `phi-guard audit patient-fp --key-env NAME` reads patient ids, one per
+//! line, and writes each one's `patient_fp` under the audit key, so that an
+//! investigation can find a patient's records without the log naming them.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::process::ExitCode;
 
 use phi_guard::audit;
 
 const USAGE: &str = "\
 usage: phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env NAME] [--start-anywhere]
+       phi-guard audit patient-fp --key-env NAME < patient-ids
 
   audit verify   check the tamper-evident audit chains in an Envoy access log
                  (one JSON record per line, raw or in the line's \"audit\" field)
@@ -28,6 +33,11 @@ usage: phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env 
   --start-anywhere
                  accept a log that starts mid-chain (rotated); its first record is
                  trusted, and checkpoints from before it are not held against it
+
+  audit patient-fp
+                 read FHIR patient ids, one per line, from standard input and
+                 write each one's patient_fp (the audit record's keyed
+                 fingerprint) under the audit key in NAME
 ";
 
 fn main() -> ExitCode {
@@ -39,6 +49,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         ["audit", "verify", rest @ ..] => audit_verify(rest),
+        ["audit", "patient-fp", rest @ ..] => audit_patient_fp(rest),
         _ => usage_error("unknown command"),
     }
 }
@@ -137,6 +148,28 @@ fn audit_verify(args: &[&str]) -> ExitCode {
         "ok: {} checkpoints matched ({} from before the log)",
         complete.matched, complete.before_log
     );
+    ExitCode::SUCCESS
+}
+
+/// Each patient id on standard input, as its `patient_fp`.
+fn audit_patient_fp(args: &[&str]) -> ExitCode {
+    let ["--key-env", name] = args else {
+        return usage_error("audit patient-fp needs --key-env NAME");
+    };
+    let key = match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => return usage_error(&format!("environment variable {name} is not set")),
+    };
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else {
+            eprintln!("phi-guard: standard input is not text");
+            return ExitCode::from(2);
+        };
+        let id = line.trim();
+        if !id.is_empty() {
+            println!("{}", audit::patient_fingerprint(key.as_bytes(), id));
+        }
+    }
     ExitCode::SUCCESS
 }
 
