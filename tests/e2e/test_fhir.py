@@ -206,6 +206,7 @@ def test_no_audit_key_no_patient_fp(envoy_factory, jwks_server, upstream, keys):
     (record,) = audits(envoy, 1)
     assert (record["fhir_interaction"], record["fhir_type"]) == ("search-type", "Observation")
     assert "patient_fp" not in record, record
+    assert "no audit.hmac_key_env, so audit records carry no patient_fp" in envoy.log_text(), envoy.log_tail()
 
 
 def test_search_body_is_read_only_for_the_fhir_model(envoy_factory, jwks_server, upstream, keys):
