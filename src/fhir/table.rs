@@ -322,3 +322,74 @@ fn the_table_covers_every_interaction_and_outcome() {
     assert!(count(&|r| r.reads_body == Some(false)) >= 2);
     assert!(table.rows.iter().all(|r| !r.why.is_empty()));
 }
+
+/// The README's FHIR example (section "FHIR servers"): its policy loads,
+/// and each request in its table is answered as the table says.
+#[test]
+fn the_readme_example_answers_as_it_says() {
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("## FHIR servers").unwrap()..];
+    let json = &section[section.find("```json\n").unwrap() + 8..];
+    let doc: Value = serde_json::from_str(&json[..json.find("```").unwrap()]).unwrap();
+    let policy = Policy::from_json(doc.to_string().as_bytes()).unwrap();
+    let scopes = "launch/patient openid fhirUser patient/Observation.rs patient/Patient.r";
+    assert!(section.contains(&format!("`\"scope\": \"{scopes}\"`")));
+    assert!(section.contains("and `\"patient\": \"123\"`"));
+    let table = &section[section.find("| request | answer |").unwrap()..];
+    let kit = Kit::new();
+    let mut checked = 0;
+    for line in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (requests, answer) = (cells[1], cells[2]);
+        let mut rows: Vec<serde_json::Map<String, Value>> = Vec::new();
+        for (i, quoted) in requests.split('`').enumerate().filter(|(i, _)| i % 2 == 1) {
+            match quoted.split_once(' ') {
+                Some((method, path)) if method.bytes().all(|b| b.is_ascii_uppercase()) => {
+                    let mut row = serde_json::Map::new();
+                    row.insert("method".into(), method.into());
+                    row.insert("path".into(), path.into());
+                    rows.push(row);
+                }
+                // `with form `…``: the previous request's form body.
+                _ if i > 0 => {
+                    rows.last_mut()
+                        .unwrap()
+                        .insert("form".into(), quoted.into());
+                }
+                _ => panic!("{line}: a form before any request"),
+            }
+        }
+        let status: u16 = answer
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let scope = answer
+            .split("scope=\"")
+            .nth(1)
+            .map(|s| s.split('"').next().unwrap());
+        let want = match (status, scope) {
+            (200, _) => "ok",
+            (403, Some(_)) => "insufficient_scope",
+            (403, None) => "no_rule",
+            other => panic!("{other:?}"),
+        };
+        for mut row in rows {
+            row.insert("policy".into(), "readme".into());
+            row.insert("scopes".into(), scopes.into());
+            row.insert("launch".into(), "123".into());
+            row.insert("token".into(), (!answer.contains("no token needed")).into());
+            row.insert("want".into(), want.into());
+            row.insert("why".into(), line.into());
+            let row: Row = serde_json::from_value(Value::Object(row)).unwrap();
+            let got = run(&kit, &policy, &row);
+            assert_eq!(got.reason, want, "{line}: {} {}", row.method, row.path);
+            if let Some(scope) = scope {
+                assert_eq!(got.scope.as_deref(), Some(scope), "{line}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 11);
+}
