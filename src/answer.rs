@@ -75,6 +75,11 @@ pub enum Reason {
     /// The client went away while its request waited for keys; nothing was
     /// forwarded and no answer was sent.
     ClientClosed,
+    /// A FHIR request whose search parameters or `_search` form body do not
+    /// read one way only (malformed encoding, a `;`, another content type).
+    BadFhirRequest,
+    /// A FHIR `_search` form body over the 16 KiB the filter reads.
+    BodyTooLarge,
 }
 
 impl Reason {
@@ -114,11 +119,13 @@ impl Reason {
             Reason::RevocationUnavailable => "revocation_unavailable",
             Reason::IntrospectionUnavailable => "introspection_unavailable",
             Reason::ClientClosed => "client_closed",
+            Reason::BadFhirRequest => "bad_fhir_request",
+            Reason::BodyTooLarge => "body_too_large",
         }
     }
 
     /// Every reason, for stats registration and tests.
-    pub const ALL: [Reason; 35] = [
+    pub const ALL: [Reason; 37] = [
         Reason::Ok,
         Reason::BadPath,
         Reason::NoRule,
@@ -154,6 +161,8 @@ impl Reason {
         Reason::RevocationUnavailable,
         Reason::IntrospectionUnavailable,
         Reason::ClientClosed,
+        Reason::BadFhirRequest,
+        Reason::BodyTooLarge,
     ];
 }
 
@@ -180,7 +189,8 @@ pub struct Answer {
 /// Maps a denial reason to the answer the client gets (DESIGN.md §3).
 pub fn deny(reason: Reason, realm: &str, challenge: Challenge<'_>) -> Answer {
     let (status, www, body) = match reason {
-        Reason::BadPath => (400, None, "bad request\n"),
+        Reason::BadPath | Reason::BadFhirRequest => (400, None, "bad request\n"),
+        Reason::BodyTooLarge => (413, None, "payload too large\n"),
         Reason::NoRule => (403, None, "forbidden\n"),
         Reason::InsecureTransport => (403, None, "forbidden\n"),
         Reason::InvalidDpopProof | Reason::DpopReplay => (
@@ -333,6 +343,10 @@ mod tests {
         let a = deny(Reason::IntrospectionUnavailable, "x", none);
         assert_eq!((a.status, a.www_authenticate), (503, None));
         assert_eq!(deny(Reason::InvalidRequest, "x", none).status, 400);
+        let a = deny(Reason::BadFhirRequest, "x", none);
+        assert_eq!((a.status, a.www_authenticate), (400, None));
+        let a = deny(Reason::BodyTooLarge, "x", none);
+        assert_eq!((a.status, a.www_authenticate), (413, None));
     }
 
     /// The reason codes README.md lists ("Audit record"), read at test time:
@@ -402,6 +416,8 @@ mod tests {
             Reason::InvalidDpopProof => 30,
             Reason::DpopReplay => 31,
             Reason::PhiInToken => 32,
+            Reason::BadFhirRequest => 33,
+            Reason::BodyTooLarge => 34,
         }
     }
 
@@ -421,7 +437,7 @@ mod tests {
         let mut seen: Vec<usize> = Reason::ALL.iter().map(|r| ordinal(*r)).collect();
         seen.sort_unstable();
         seen.dedup();
-        assert_eq!(seen, (0..=32).collect::<Vec<_>>());
+        assert_eq!(seen, (0..=34).collect::<Vec<_>>());
         // ... and the codes they give are exactly the README's.
         let mut ours: Vec<String> = Reason::ALL.iter().map(|r| r.code().to_owned()).collect();
         ours.sort_unstable();

@@ -58,6 +58,16 @@ pub struct AuditRecord {
     /// Names (never values) of forbidden claims the token carried.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phi_claims: Vec<String>,
+    /// The FHIR interaction (`read`, `search-type`, …) of a request under
+    /// the FHIR base path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fhir_interaction: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fhir_type: Option<String>,
+    /// [`patient_fingerprint`] of the patient whose compartment the request
+    /// provably stays within: never the id itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient_fp: Option<String>,
     pub vm: String,
     pub seq: u64,
     pub chain: String,
@@ -95,6 +105,9 @@ impl AuditRecord {
             &mut self.source,
             &mut self.tls,
             &mut self.binding,
+            &mut self.fhir_interaction,
+            &mut self.fhir_type,
+            &mut self.patient_fp,
         ]
         .into_iter()
         .flatten()
@@ -256,6 +269,23 @@ fn link(key: Option<&[u8]>, prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
     }
 }
 
+/// What keys patient fingerprints, derived from the audit key so that the
+/// chain's key and this one never meet the same input.
+fn patient_key(audit_key: &[u8]) -> [u8; 32] {
+    hmac_sha256(audit_key, &[b"phi-guard patient_fp v1"])
+}
+
+/// The record's `patient_fp` for patient id `id`: the first 16 hex digits
+/// of HMAC-SHA256 keyed (through a derived key) by the audit key, so that
+/// whoever holds the key can find a patient's records and nobody else can
+/// tell whose they are — patient ids are few and guessable, and a plain
+/// hash of one is the id in clear.
+pub fn patient_fingerprint(audit_key: &[u8], id: &str) -> String {
+    hex(hmac_sha256(&patient_key(audit_key), &[id.as_bytes()])
+        .get(..8)
+        .unwrap_or_default())
+}
+
 fn canonical(record: &AuditRecord) -> Vec<u8> {
     let mut r = record.clone();
     r.chain = String::new();
@@ -269,6 +299,8 @@ pub struct AuditChain {
     seq: u64,
     prev: [u8; 32],
     key: Option<Vec<u8>>,
+    /// Derived from `key` once: what keys `patient_fp`.
+    patient_key: Option<[u8; 32]>,
 }
 
 impl AuditChain {
@@ -278,8 +310,18 @@ impl AuditChain {
             vm,
             seq: 0,
             prev: [0; 32],
+            patient_key: key.as_deref().map(patient_key),
             key,
         }
+    }
+
+    /// [`patient_fingerprint`] under this chain's key; none for an unkeyed
+    /// chain (no `audit.hmac_key_env`), which can key nothing.
+    pub fn patient_fp(&self, id: &str) -> Option<String> {
+        let key = self.patient_key.as_ref()?;
+        Some(hex(hmac_sha256(key, &[id.as_bytes()])
+            .get(..8)
+            .unwrap_or_default()))
     }
 
     /// The VM this chain belongs to.
@@ -1188,6 +1230,95 @@ mod tests {
         signed[n] = lines[n].replace(&chain, &forged);
         let e = check(&signed, Some(b"secret")).unwrap_err();
         assert_eq!((e.line, e.kind), (n + 1, Problem::Malformed));
+    }
+
+    #[test]
+    fn fhir_fields_are_optional_chained_and_keyed() {
+        // Without them a record's bytes are what they were before them.
+        let line = AuditChain::new("v".into(), None).seal(&mut rec("/p"));
+        assert!(
+            !line.contains("fhir") && !line.contains("patient"),
+            "{line}"
+        );
+        // Field by field, in order: the keys of the top-level object.
+        let fields = |l: &str| -> Vec<String> {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            keys.sort_by_key(|k| l.find(&format!("\"{k}\":")).unwrap());
+            keys
+        };
+        assert_eq!(
+            fields(&line),
+            [
+                "ts",
+                "decision",
+                "reason",
+                "method",
+                "path",
+                "status",
+                "scopes_granted",
+                "scopes_required",
+                "amr",
+                "vm",
+                "seq",
+                "chain"
+            ]
+        );
+        // With them: after `tls`, before `vm`, and part of the chain.
+        let chain = AuditChain::new("v".into(), Some(b"k".to_vec()));
+        let fp = chain.patient_fp("123").unwrap();
+        let mut r = rec("/fhir/Observation");
+        r.tls = Some("TLSv1.3".into());
+        r.fhir_interaction = Some("search-type".into());
+        r.fhir_type = Some("Observation".into());
+        r.patient_fp = Some(fp.clone());
+        let mut chain = chain;
+        let sealed = chain.seal(&mut r);
+        let f = fields(&sealed);
+        let at = |k: &str| f.iter().position(|x| x == k).unwrap();
+        assert!(at("tls") < at("fhir_interaction"));
+        assert!(at("fhir_interaction") < at("fhir_type") && at("fhir_type") < at("patient_fp"));
+        assert!(at("patient_fp") < at("vm"));
+        assert!(
+            !sealed.contains("\"123\""),
+            "the patient id itself: {sealed}"
+        );
+        let lines = [serde_json::json!({"audit": sealed}).to_string()];
+        assert!(check(&lines, Some(b"k")).is_ok());
+        let edited = [lines[0].replace(&fp, "0000000000000000")];
+        assert_eq!(
+            check(&edited, Some(b"k")).unwrap_err().kind,
+            Problem::Edited
+        );
+    }
+
+    #[test]
+    fn patient_fingerprints_are_keyed() {
+        let fp = patient_fingerprint(b"k", "123");
+        assert_eq!(fp.len(), 16);
+        assert!(fp.bytes().all(|b| b.is_ascii_hexdigit()));
+        // Stable for a key (every VM, every restart) ...
+        assert_eq!(patient_fingerprint(b"k", "123"), fp);
+        assert_eq!(
+            AuditChain::new("a".into(), Some(b"k".to_vec())).patient_fp("123"),
+            Some(fp.clone())
+        );
+        assert_eq!(
+            AuditChain::new("b".into(), Some(b"k".to_vec())).patient_fp("123"),
+            Some(fp.clone())
+        );
+        // ... but another key, another patient or a plain hash differ.
+        assert_ne!(patient_fingerprint(b"k2", "123"), fp);
+        assert_ne!(patient_fingerprint(b"k", "124"), fp);
+        let plain = hex(&Sha256::digest(b"123")[..8]);
+        assert_ne!(plain, fp);
+        // Not the chain's own HMAC of the id under the same key.
+        assert_ne!(hex(&hmac_sha256(b"k", &[b"123"])[..8]), fp);
+        // The derivation, spelled out (the e2e tests recompute it in Python).
+        let derived = hmac_sha256(b"k", &[b"phi-guard patient_fp v1"]);
+        assert_eq!(hex(&hmac_sha256(&derived, &[b"123"])[..8]), fp);
+        // An unkeyed chain writes none.
+        assert_eq!(AuditChain::new("c".into(), None).patient_fp("123"), None);
     }
 
     #[test]

@@ -83,6 +83,7 @@ struct RawConfig {
     forbidden_claims: Vec<String>,
     #[serde(default)]
     forbidden_claims_action: ForbiddenClaimsAction,
+    fhir: Option<RawFhir>,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +131,20 @@ pub enum ForbiddenClaimsAction {
     Reject,
     /// Allowed, the claim named in the audit record and counted.
     Audit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFhir {
+    base_path: String,
+    #[serde(default = "defaults::yes")]
+    smart: bool,
+    #[serde(default)]
+    smart_v1: bool,
+    #[serde(default = "defaults::yes")]
+    patient_compartment: bool,
+    #[serde(default = "defaults::launch_claim")]
+    launch_claim: String,
 }
 
 #[derive(Deserialize)]
@@ -359,6 +374,9 @@ mod defaults {
     pub fn introspection_cache_seconds() -> u64 {
         30
     }
+    pub fn launch_claim() -> String {
+        "patient".into()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -396,7 +414,34 @@ pub struct Policy {
     pub forbidden_claims_action: ForbiddenClaimsAction,
     /// How often each VM writes its audit chain's head to Envoy's log.
     pub audit_checkpoint_seconds: u64,
+    /// A FHIR server under `base_path`, if the policy has a `fhir` block.
+    pub fhir: Option<Fhir>,
 }
+
+/// The `fhir` block: requests under `base_path` that no rule matches are
+/// decided by the FHIR model (`crate::fhir`) instead of the default 403.
+#[derive(Debug)]
+pub struct Fhir {
+    pub base_path: String,
+    /// `base_path`'s segments (none for `/`).
+    pub base: Vec<String>,
+    /// SMART App Launch scopes grant access; without, the model grants nothing.
+    pub smart: bool,
+    /// SMART v1 scopes (`read`, `write`, `*`) count as their v2 equivalents.
+    pub smart_v1: bool,
+    /// `patient/` scopes reach only the launch patient's compartment.
+    pub patient_compartment: bool,
+    /// The token claim holding the launch patient's id.
+    pub launch_claim: String,
+    /// What FHIR decisions are recorded under: [`FHIR_RULE_ID`] (a token is
+    /// needed) and [`FHIR_PUBLIC_RULE_ID`] (`metadata`, SMART configuration).
+    pub rules: [Rule; 2],
+}
+
+/// The rule id of requests the FHIR model decides.
+pub const FHIR_RULE_ID: &str = "fhir";
+/// The rule id of the FHIR endpoints anyone may read.
+pub const FHIR_PUBLIC_RULE_ID: &str = "fhir-public";
 
 /// Something the filter can forward to the upstream as a header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -818,7 +863,8 @@ impl Policy {
         }
         for (i, claim) in raw.forbidden_claims.iter().enumerate() {
             let needed = NEEDED_CLAIMS.contains(&claim.as_str())
-                || raw.roles_claim.as_deref() == Some(claim.as_str());
+                || raw.roles_claim.as_deref() == Some(claim.as_str())
+                || raw.fhir.as_ref().is_some_and(|f| f.launch_claim == *claim);
             if claim.is_empty() || needed {
                 return Err(err(
                     format!("forbidden_claims[{i}]"),
@@ -832,7 +878,12 @@ impl Policy {
             .map(Alg::name)
             .collect::<Vec<_>>()
             .join(" ");
+        let fhir = match raw.fhir {
+            None => None,
+            Some(f) => Some(compile_fhir(f, &rules)?),
+        };
         Ok(Policy {
+            fhir,
             revocation,
             transport: Transport {
                 require_tls: raw.transport.require_tls,
@@ -860,7 +911,21 @@ impl Policy {
         })
     }
 
-    /// The provider whose `issuer` is exactly `iss`.
+    /// The rule a verdict names by index: an explicit rule, or just past
+    /// them the FHIR model's (protected, then public).
+    pub fn rule(&self, index: usize) -> Option<&Rule> {
+        match index.checked_sub(self.rules.len()) {
+            None => self.rules.get(index),
+            Some(k) => self.fhir.as_ref()?.rules.get(k),
+        }
+    }
+
+    /// The index [`Policy::rule`] gives the FHIR model's rule (`public`: the
+    /// one that needs no token).
+    pub fn fhir_rule(&self, public: bool) -> usize {
+        self.rules.len() + usize::from(public)
+    }
+
     /// Said at every start when some protected rule takes plaintext:
     /// weakening is spelled out, not only in the config.
     pub fn plaintext_warning(&self) -> Option<String> {
@@ -878,6 +943,7 @@ impl Policy {
         })
     }
 
+    /// The provider whose `issuer` is exactly `iss`.
     pub fn provider_for_issuer(&self, iss: &str) -> Option<(usize, &Provider)> {
         self.providers
             .iter()
@@ -1274,6 +1340,105 @@ fn compile_introspect(
         provider: named,
         opaque: named.or(only),
     }))
+}
+
+/// Claims phi-guard reads for something else: a launch patient cannot come from them.
+const CLAIMS_READ: [&str; 14] = [
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "nbf",
+    "iat",
+    "scope",
+    "scp",
+    "client_id",
+    "azp",
+    "jti",
+    "acr",
+    "amr",
+    "auth_time",
+];
+
+/// The `fhir` block. `rules` are the explicit ones, which may not take the
+/// FHIR model's rule ids.
+fn compile_fhir(f: RawFhir, rules: &[Rule]) -> Result<Fhir, ConfigError> {
+    let base = fhir_base(&f.base_path).ok_or_else(|| {
+        err(
+            "fhir.base_path",
+            "must be `/` or `/` followed by segments of letters, digits, `-`, `.`, `_`, `~` (no trailing `/`), e.g. \"/fhir\" or \"/api/fhir/r4\"",
+        )
+    })?;
+    if f.launch_claim.is_empty()
+        || f.launch_claim.len() > 64
+        || CLAIMS_READ.contains(&f.launch_claim.as_str())
+    {
+        return Err(err(
+            "fhir.launch_claim",
+            "must name the token claim holding the launch patient's id (1 to 64 bytes, not a claim phi-guard reads otherwise)",
+        ));
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        if rule.id == FHIR_RULE_ID || rule.id == FHIR_PUBLIC_RULE_ID {
+            return Err(err(
+                format!("rules[{i}].id"),
+                format!(
+                    "{:?} is the FHIR model's rule id while the policy has a fhir block",
+                    rule.id
+                ),
+            ));
+        }
+    }
+    let template = if base.is_empty() {
+        "/**".to_string()
+    } else {
+        format!("{}/**", f.base_path)
+    };
+    let rule = |id: &str, public: bool| -> Result<Rule, ConfigError> {
+        Ok(Rule {
+            id: id.into(),
+            methods: None,
+            path: PathTemplate::parse(&template).map_err(|e| err("fhir.base_path", e))?,
+            public,
+            scopes: Vec::new(),
+            scopes_any: Vec::new(),
+            max_token_age: None,
+            step_up: None,
+            sensitive: false,
+            introspect: None,
+            require_tls: None,
+            require_sender_constraint: false,
+        })
+    };
+    Ok(Fhir {
+        rules: [rule(FHIR_RULE_ID, false)?, rule(FHIR_PUBLIC_RULE_ID, true)?],
+        base,
+        base_path: f.base_path,
+        smart: f.smart,
+        smart_v1: f.smart_v1,
+        patient_compartment: f.patient_compartment,
+        launch_claim: f.launch_claim,
+    })
+}
+
+/// `base_path`'s segments: `/` has none; otherwise plain segments, none
+/// empty, none a dot segment, no trailing `/`.
+fn fhir_base(path: &str) -> Option<Vec<String>> {
+    if path == "/" {
+        return Some(Vec::new());
+    }
+    let rest = path.strip_prefix('/')?;
+    rest.split('/')
+        .map(|seg| {
+            let plain = !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+            plain.then(|| seg.to_string())
+        })
+        .collect()
 }
 
 /// RFC 6749 scope-token characters; also keeps scopes safe inside a quoted header value.
@@ -1753,6 +1918,104 @@ mod tests {
             true
         )
         .is_ok());
+    }
+
+    #[test]
+    fn fhir_block_defaults_and_rules() {
+        let p = load(&base()).unwrap();
+        assert!(p.fhir.is_none());
+        assert_eq!(p.rule(0).map(|r| r.id.as_str()), Some("r"));
+        assert!(p.rule(1).is_none(), "no fhir block: nothing past the rules");
+
+        let mut doc = base();
+        doc["fhir"] = json!({"base_path": "/fhir"});
+        let p = load(&doc).unwrap();
+        let f = p.fhir.as_ref().unwrap();
+        assert_eq!(f.base, ["fhir"]);
+        assert!(f.smart && !f.smart_v1 && f.patient_compartment);
+        assert_eq!(f.launch_claim, "patient");
+        // The FHIR model's rules come right after the explicit ones.
+        assert_eq!(p.fhir_rule(false), 1);
+        assert_eq!(
+            p.rule(p.fhir_rule(false))
+                .map(|r| (r.id.as_str(), r.public)),
+            Some(("fhir", false))
+        );
+        assert_eq!(
+            p.rule(p.fhir_rule(true)).map(|r| (r.id.as_str(), r.public)),
+            Some(("fhir-public", true))
+        );
+        assert!(p.rule(3).is_none());
+
+        doc["fhir"] = json!({"base_path": "/api/fhir-r4", "smart": false, "smart_v1": true,
+            "patient_compartment": false, "launch_claim": "launch_patient"});
+        let p = load(&doc).unwrap();
+        let f = p.fhir.as_ref().unwrap();
+        assert_eq!(f.base, ["api", "fhir-r4"]);
+        assert!(!f.smart && f.smart_v1 && !f.patient_compartment);
+        assert_eq!(f.launch_claim, "launch_patient");
+
+        doc["fhir"] = json!({"base_path": "/"});
+        assert!(load(&doc).unwrap().fhir.unwrap().base.is_empty());
+    }
+
+    #[test]
+    fn fhir_errors_name_the_field() {
+        let with = |fhir: Value, rules: Option<Value>| {
+            let mut doc = base();
+            doc["fhir"] = fhir;
+            if let Some(r) = rules {
+                doc["rules"] = r;
+            }
+            load(&doc).map(|_| ()).map_err(|e| e.field)
+        };
+        for bad in [
+            "",
+            "fhir",
+            "/fhir/",
+            "//fhir",
+            "/fhir/../x",
+            "/fhir/./x",
+            "/fh%20ir",
+            "/{id}",
+            "/fhir/**",
+        ] {
+            assert_eq!(
+                with(json!({"base_path": bad}), None),
+                Err("fhir.base_path".into()),
+                "{bad}"
+            );
+        }
+        assert_eq!(with(json!({}), None), Err("fhir.base_path".into()));
+        for claim in ["", "sub", "scope", "iss", &"x".repeat(65)] {
+            assert_eq!(
+                with(json!({"base_path": "/fhir", "launch_claim": claim}), None),
+                Err("fhir.launch_claim".into()),
+                "{claim}"
+            );
+        }
+        assert_eq!(
+            with(json!({"base_path": "/fhir", "smart": "yes"}), None),
+            Err("fhir.smart".into())
+        );
+        assert_eq!(
+            with(json!({"base_path": "/fhir", "extra": 1}), None),
+            Err("fhir.extra".into())
+        );
+        for id in ["fhir", "fhir-public"] {
+            assert_eq!(
+                with(
+                    json!({"base_path": "/fhir"}),
+                    Some(json!([{"id": "ok", "path": "/a"}, {"id": id, "path": "/b"}]))
+                ),
+                Err("rules[1].id".into()),
+                "{id}"
+            );
+        }
+        // Without a fhir block those ids are anyone's.
+        let mut doc = base();
+        doc["rules"] = json!([{"id": "fhir", "path": "/b"}]);
+        assert!(load(&doc).is_ok());
     }
 
     #[test]

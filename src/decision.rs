@@ -1,6 +1,8 @@
-//! One request's decision: path safety, rule, transport, token, revocation,
-//! forbidden claims, sender binding, introspection, token age, scopes,
-//! step-up — in that order, each a value the host turns into an answer.
+//! One request's decision: path safety, rule (or, under a FHIR base path no
+//! rule matches, the FHIR model), transport, token, revocation, forbidden
+//! claims, sender binding, introspection, token age, scopes (or the FHIR
+//! model's SMART grant), step-up — in that order, each a value the host
+//! turns into an answer.
 
 use std::rc::Rc;
 
@@ -9,6 +11,7 @@ use crate::binding::{self, Binding, Presented, ProofRules, Scheme};
 use crate::budget::VerificationBudget;
 use crate::config::{ForbiddenClaimsAction, ForwardedClaim, Policy, Rule, StepUp, TlsVersion};
 use crate::fetch::Freshness;
+use crate::fhir::{self, Body, FhirRequest, Refusal, Routed, Seen};
 use crate::introspection::{self, IntrospectionCache, Outcome, TokenKey};
 use crate::jwks::KeySet;
 use crate::revocation::RevocationList;
@@ -34,6 +37,8 @@ pub struct Request<'a> {
     pub authority: &'a str,
     /// Every `DPoP` header value.
     pub dpop: &'a [&'a str],
+    /// The body, as far as read: only a FHIR `_search` ever asks for it.
+    pub body: Body<'a>,
 }
 
 /// The outcome of [`decide`].
@@ -54,6 +59,17 @@ pub enum Verdict {
     },
     /// A fetch may bring what the decision lacks; ask again after it.
     Wait(WaitFor),
+    /// A FHIR `_search` whose form body must be read: every check that does
+    /// not need it passed, and the token holds a search scope it could
+    /// grant. Envoy cannot hold a request's headers while a wasm filter
+    /// reads its body, so the host sends them on as for an allow (`rule`,
+    /// `token`: identity headers set, token removed), holds the body whole,
+    /// and asks again with it; a refusal then resets the upstream request
+    /// before its body, and so before the search.
+    NeedBody {
+        rule: usize,
+        token: Option<Rc<VerifiedToken>>,
+    },
 }
 
 /// What a waiting request waits for.
@@ -139,8 +155,9 @@ impl State {
     }
 }
 
-/// Counters the host turns into stats.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What the decision saw besides its verdict: counters the host turns into
+/// stats, and what the audit record shows of a FHIR request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Trace {
     /// Whether the verified-token cache answered (`None`: not consulted).
     pub token_cache_hit: Option<bool>,
@@ -149,6 +166,8 @@ pub struct Trace {
     pub revocation_stale: bool,
     /// Whether a kept introspection answer was found (`None`: not asked).
     pub introspection_cache_hit: Option<bool>,
+    /// A request under the FHIR base path, as the FHIR model read it.
+    pub fhir: Option<Seen>,
 }
 
 /// Decides `req` at Unix time `now`.
@@ -180,13 +199,9 @@ pub fn decide(
         Ok(p) => p,
         Err(_) => return deny(Reason::BadPath, None, None),
     };
-    let Some((index, rule)) = policy
-        .rules
-        .iter()
-        .enumerate()
-        .find(|(_, r)| r.match_request(req.method, &path).is_match())
-    else {
-        return deny(Reason::NoRule, None, None);
+    let (index, rule, fhir_request) = match route(policy, req, &path, trace) {
+        Ok(routed) => routed,
+        Err(verdict) => return verdict,
     };
     if rule.public {
         return Verdict::Allow {
@@ -308,6 +323,14 @@ pub fn decide(
             Err(Held::Deny(reason)) => return deny(reason, Some(index), Some(verified)),
         }
     }
+    if let Some(request) = &fhir_request {
+        if request.form_pending {
+            return form_needed(policy, request, index, verified, trace);
+        }
+        if let Err(refused) = smart_granted(policy, request, index, &verified, trace) {
+            return refused;
+        }
+    }
     authorized(policy, rule, index, verified, now, bound)
 }
 
@@ -315,6 +338,116 @@ pub fn decide(
 struct Presentation<'a> {
     scheme: Scheme,
     raw: &'a str,
+}
+
+/// The rule a request lands on: the first explicit rule whose method and
+/// path match; else, under a `fhir` block's base path, the FHIR model's
+/// (with the FHIR request it judges once a token verified). A FHIR request
+/// is also described for the record, whichever decides it.
+fn route<'p>(
+    policy: &'p Policy,
+    req: &Request<'_>,
+    path: &SafePath,
+    trace: &mut Trace,
+) -> Result<Landing<'p>, Verdict> {
+    let no_rule = || Verdict::Deny {
+        reason: Reason::NoRule,
+        rule: None,
+        token: None,
+    };
+    let explicit = policy
+        .rules
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.match_request(req.method, path).is_match());
+    let Some(f) = &policy.fhir else {
+        return explicit.map(|(i, r)| (i, r, None)).ok_or_else(no_rule);
+    };
+    if let Some((i, r)) = explicit {
+        trace.fhir = fhir::describe(f, req.method, path, req.path);
+        return Ok((i, r, None));
+    }
+    let refused = |reason| Verdict::Deny {
+        reason,
+        rule: Some(policy.fhir_rule(false)),
+        token: None,
+    };
+    let (index, request) =
+        match fhir::route(f, req.method, path, req.path, req.body, &mut trace.fhir) {
+            Routed::Outside | Routed::Refused(Refusal::Unrecognised) => return Err(no_rule()),
+            Routed::Refused(Refusal::BadRequest) => return Err(refused(Reason::BadFhirRequest)),
+            Routed::Refused(Refusal::BodyTooLarge) => return Err(refused(Reason::BodyTooLarge)),
+            Routed::Public => (policy.fhir_rule(true), None),
+            Routed::Protected(r) => (policy.fhir_rule(false), Some(r)),
+        };
+    let rule = policy.rule(index).ok_or_else(no_rule)?;
+    Ok((index, rule, request))
+}
+
+/// A `_search` whose form is not read yet: worth reading when the token
+/// holds a scope that could grant the search; refused now otherwise.
+fn form_needed(
+    policy: &Policy,
+    request: &FhirRequest,
+    index: usize,
+    verified: Rc<VerifiedToken>,
+    trace: &mut Trace,
+) -> Verdict {
+    let worth_reading = policy
+        .fhir
+        .as_ref()
+        .is_some_and(|f| fhir::may_search(f, request, verified.scopes.iter()));
+    if worth_reading {
+        return Verdict::NeedBody {
+            rule: index,
+            token: Some(verified),
+        };
+    }
+    // Refused whatever the form holds; named as the query alone reads.
+    match smart_granted(policy, request, index, &verified, trace) {
+        Err(refused) => refused,
+        Ok(()) => Verdict::Deny {
+            reason: Reason::InsufficientScope,
+            rule: Some(index),
+            token: Some(verified),
+        },
+    }
+}
+
+/// Where [`route`] lands a request: the rule's index, the rule, and the
+/// FHIR request when the FHIR model decides it.
+type Landing<'p> = (usize, &'p Rule, Option<FhirRequest>);
+
+/// The FHIR model's grant: the token's SMART scopes (and launch patient)
+/// against the request, in place of a rule's scopes. The narrowest scopes
+/// that allow it go to the record, and to the challenge of a refusal.
+fn smart_granted(
+    policy: &Policy,
+    request: &FhirRequest,
+    index: usize,
+    verified: &Rc<VerifiedToken>,
+    trace: &mut Trace,
+) -> Result<(), Verdict> {
+    let Some(f) = &policy.fhir else {
+        return Ok(());
+    };
+    let judged = fhir::judge(
+        f,
+        request,
+        verified.scopes.iter(),
+        verified.patient.as_deref(),
+    );
+    if let Some(seen) = trace.fhir.as_mut() {
+        seen.scopes = judged.scopes;
+    }
+    if judged.allowed {
+        return Ok(());
+    }
+    Err(Verdict::Deny {
+        reason: Reason::InsufficientScope,
+        rule: Some(index),
+        token: Some(Rc::clone(verified)),
+    })
 }
 
 /// Revocation, forbidden claims and sender binding, then the per-rule
@@ -562,9 +695,16 @@ fn check_step_up(
     Ok(())
 }
 
-/// What a challenge for `rule` must name; `dpop_algs` when the request is a
-/// DPoP one (its scheme, its token's binding, or the refusal itself).
-pub fn challenge<'a>(rule: Option<&'a Rule>, dpop_algs: Option<&'a str>) -> Challenge<'a> {
+/// What a challenge for `rule` must name: `dpop_algs` when the request is a
+/// DPoP one (its scheme, its token's binding, or the refusal itself); for the
+/// FHIR model's decisions (`fhir` holds the scopes it judged), the narrowest
+/// SMART scopes.
+pub fn challenge<'a>(
+    rule: Option<&'a Rule>,
+    dpop_algs: Option<&'a str>,
+    fhir: Option<&'a Seen>,
+) -> Challenge<'a> {
+    let judged = fhir.map(|f| f.scopes.as_slice()).filter(|s| !s.is_empty());
     match rule {
         None => Challenge {
             dpop_algs,
@@ -572,7 +712,9 @@ pub fn challenge<'a>(rule: Option<&'a Rule>, dpop_algs: Option<&'a str>) -> Chal
         },
         Some(r) => Challenge {
             dpop_algs,
-            scopes: if r.scopes.is_empty() {
+            scopes: if let Some(judged) = judged {
+                judged
+            } else if r.scopes.is_empty() {
                 &r.scopes_any
             } else {
                 &r.scopes
@@ -643,6 +785,7 @@ mod tests {
             scheme: "https",
             authority: "fhir.example.org",
             dpop: &[],
+            body: Body::Unread,
         };
         decide(
             policy,
@@ -668,7 +811,7 @@ mod tests {
         match v {
             Verdict::Deny { reason, .. } => Some(*reason),
             Verdict::Allow { .. } => Some(Reason::Ok),
-            Verdict::Wait(_) => None,
+            Verdict::Wait(_) | Verdict::NeedBody { .. } => None,
         }
     }
 
@@ -1013,6 +1156,7 @@ mod tests {
                 scheme: "https",
                 authority: "fhir.example.org",
                 dpop: &dpop,
+                body: Body::Unread,
             };
             let cert = || self.cert.clone();
             let keys = |_: usize| Some(&kit.keys);
@@ -1177,6 +1321,7 @@ mod tests {
                 scheme: "https",
                 authority: "fhir.example.org",
                 dpop: &[],
+                body: Body::Unread,
             };
             let keys = |_: usize| Some(&kit.keys);
             let facts = Facts {
@@ -1264,7 +1409,7 @@ mod tests {
         let www = answer::deny(
             Reason::InvalidDpopProof,
             "r",
-            challenge(None, Some(&policy.dpop_algs)),
+            challenge(None, Some(&policy.dpop_algs), None),
         )
         .www_authenticate
         .unwrap();
@@ -1300,6 +1445,7 @@ mod tests {
                 scheme: "https",
                 authority: "fhir.example.org",
                 dpop: &[],
+                body: Body::Unread,
             };
             let v = decide(
                 &policy,
@@ -1377,6 +1523,7 @@ mod tests {
                 scheme: "https",
                 authority: "fhir.example.org",
                 dpop: &[],
+                body: Body::Unread,
             };
             let v = decide(
                 &policy,
@@ -1433,6 +1580,7 @@ mod tests {
                 scheme: "https",
                 authority: "fhir.example.org",
                 dpop: &[],
+                body: Body::Unread,
             };
             let facts = Facts {
                 keys: &keys,
@@ -1513,6 +1661,7 @@ mod tests {
                 scheme: "https",
                 authority: "fhir.example.org",
                 dpop: &[],
+                body: Body::Unread,
             };
             let facts = Facts {
                 keys: &keys,
@@ -1726,6 +1875,7 @@ mod tests {
                 scheme: "https",
                 authority: "fhir.example.org",
                 dpop: &[],
+                body: Body::Unread,
             };
             let facts = Facts {
                 keys: &keys,
@@ -1788,6 +1938,7 @@ mod tests {
             scheme: "https",
             authority: "fhir.example.org",
             dpop: &[],
+            body: Body::Unread,
         };
         let mut state = State {
             cache: TokenCache::new(10),
@@ -1995,12 +2146,12 @@ mod tests {
                 ("x-phi-scopes", "read:patient-profile".to_string())
             ]
         );
-        let ch = challenge(Some(&policy.rules[5]), None);
+        let ch = challenge(Some(&policy.rules[5]), None, None);
         assert_eq!(ch.scopes, ["export:bulk"]);
         assert_eq!(ch.acr_values, ["urn:mfa", "urn:hw"]);
         assert_eq!(ch.max_age, Some(300));
         assert_eq!(
-            challenge(Some(&policy.rules[4]), None).scopes,
+            challenge(Some(&policy.rules[4]), None, None).scopes,
             ["docs:read", "docs:admin"]
         );
     }
@@ -2052,6 +2203,7 @@ mod hostile {
             scheme: "https",
             authority: "fhir.example.org",
             dpop: &[],
+            body: Body::Unread,
         };
         decide(
             &f.policy,
@@ -2485,6 +2637,7 @@ mod modelled {
             scheme: "https",
             authority: "fhir.example.org",
             dpop: &[],
+            body: Body::Unread,
         };
         let verdict = decide(
             &f.policy,
@@ -2505,7 +2658,9 @@ mod modelled {
         let got = match &verdict {
             Verdict::Allow { rule, .. } => (Reason::Ok, rule_id(&Some(*rule))),
             Verdict::Deny { reason, rule, .. } => (*reason, rule_id(rule)),
-            Verdict::Wait(_) => return Err(TestCaseError::fail("asked to wait when it may not")),
+            Verdict::Wait(_) | Verdict::NeedBody { .. } => {
+                return Err(TestCaseError::fail("asked to wait when it may not"))
+            }
         };
         let want = expect(c, &method);
         prop_assert_eq!(got, (want.0, want.1), "{} {} {:?}", method, path, auth);

@@ -27,6 +27,7 @@ use crate::answer::{self, Reason};
 use crate::config::{Policy, Rule};
 use crate::crypto::Alg;
 use crate::decision::{self, Facts, Request, Revocations, State, Trace, Verdict, WaitFor};
+use crate::fhir::Body;
 use crate::introspection::{self, Introspection};
 use crate::jwks::KeySet;
 use crate::revocation::RevocationList;
@@ -253,6 +254,8 @@ pub fn explain(policy: &Policy, input: &Input) -> Result<Explanation, String> {
             .or(header("host"))
             .unwrap_or("localhost"),
         dpop: &dpop,
+        // explain reads no body: a FHIR `_search` form is reported as asked for.
+        body: Body::Unread,
     };
     let state = || -> Result<State, String> {
         let mut state = State::new(policy);
@@ -279,6 +282,7 @@ pub fn explain(policy: &Policy, input: &Input) -> Result<Explanation, String> {
     };
     // First as a request that may still wait for a fetch, then, if it
     // would wait, as one whose wait is over with nothing brought.
+    let mut trace = Trace::default();
     let mut verdict = decision::decide(
         policy,
         &facts,
@@ -286,20 +290,15 @@ pub fn explain(policy: &Policy, input: &Input) -> Result<Explanation, String> {
         &req,
         input.now,
         true,
-        &mut Trace::default(),
+        &mut trace,
     );
     let mut waits_for = None;
     if let Verdict::Wait(w) = verdict {
         waits_for = Some(describe_wait(policy, w));
-        verdict = decision::decide(
-            policy,
-            &facts,
-            &mut state()?,
-            &req,
-            input.now,
-            false,
-            &mut Trace::default(),
-        );
+        verdict = decision::decide(policy, &facts, &mut state()?, &req, input.now, false, {
+            trace = Trace::default();
+            &mut trace
+        });
     }
 
     let path_safety = match SafePath::parse(&input.path) {
@@ -317,10 +316,11 @@ pub fn explain(policy: &Policy, input: &Input) -> Result<Explanation, String> {
     let (winner, token_seen) = match &verdict {
         Verdict::Allow { rule, token, .. } => (Some(*rule), token.clone()),
         Verdict::Deny { rule, token, .. } => (*rule, token.clone()),
+        Verdict::NeedBody { rule, token } => (Some(*rule), token.clone()),
         Verdict::Wait(_) => (None, None),
     };
     let rules = rules_tried(policy, &input.method, &input.path, winner, &mut notes);
-    let rule = winner.and_then(|i| policy.rules.get(i));
+    let rule = winner.and_then(|i| policy.rule(i));
 
     let mut out = Explanation {
         method: input.method.clone(),
@@ -344,7 +344,7 @@ pub fn explain(policy: &Policy, input: &Input) -> Result<Explanation, String> {
     match &verdict {
         Verdict::Allow { rule: i, token, .. } => {
             out.decision = "allow";
-            if let Some(r) = policy.rules.get(*i) {
+            if let Some(r) = policy.rule(*i) {
                 for (h, v) in decision::forwarded_headers(policy, r, token.as_deref()) {
                     out.forwarded_headers.insert(h.to_owned(), v);
                 }
@@ -374,10 +374,14 @@ pub fn explain(policy: &Policy, input: &Input) -> Result<Explanation, String> {
             rule,
             token: denied,
         } => {
-            let r = rule.and_then(|i| policy.rules.get(i));
+            let r = rule.and_then(|i| policy.rule(i));
             let dpop = decision::is_dpop(&req, *reason, denied.as_deref());
             let algs = dpop.then_some(policy.dpop_algs.as_str());
-            let a = answer::deny(*reason, &policy.realm, decision::challenge(r, algs));
+            let a = answer::deny(
+                *reason,
+                &policy.realm,
+                decision::challenge(r, algs, trace.fhir.as_ref()),
+            );
             out.status = Some(a.status);
             out.www_authenticate = a.www_authenticate;
             out.reason = reason.code();
@@ -388,6 +392,12 @@ pub fn explain(policy: &Policy, input: &Input) -> Result<Explanation, String> {
         Verdict::Wait(_) => {
             out.notes
                 .push("decide still waits without a fetch: nothing to tell".into());
+        }
+        Verdict::NeedBody { .. } => {
+            out.decision = "read body";
+            out.notes.push(
+                "the FHIR _search form body decides: the filter reads it (up to 16 KiB) and decides again; explain reads no body".into(),
+            );
         }
     }
     Ok(out)

@@ -256,6 +256,7 @@ pub fn judge(
         nbf: c.nbf,
         iat: c.iat,
         scopes: GrantedScopes::new(c.scope.as_deref(), &[], &roles, policy.deny_wildcard_scopes),
+        patient: token::launch_patient(policy, &c.other),
         fingerprint: token::fingerprint(token),
         revocation_checked: Default::default(),
         // RFC 8705 §3.2, RFC 9449 §6.2: an answer may say what the token is bound to.
@@ -489,6 +490,23 @@ mod tests {
             p["role_scopes"] = json!({"nurse": ["read:vitals"]});
         });
         judge(&parse(answer).unwrap(), &policy, 0, "opaque-token", NOW)
+    }
+
+    #[test]
+    fn an_answer_names_the_launch_patient_too() {
+        let kit = Kit::new();
+        let policy = kit.policy_with(|p| p["fhir"] = json!({"base_path": "/fhir"}));
+        let answer =
+            parse(json!({"active": true, "scope": "patient/Observation.rs", "patient": "p-9"}));
+        let Outcome::Active(t) = judge(&answer.unwrap(), &policy, 0, "opaque", NOW) else {
+            panic!("refused")
+        };
+        assert_eq!(t.patient.as_deref(), Some("p-9"));
+        let answer = parse(json!({"active": true, "patient": "p-9"})).unwrap();
+        let Outcome::Active(t) = judge(&answer, &kit.policy(&[]), 0, "opaque", NOW) else {
+            panic!("refused")
+        };
+        assert_eq!(t.patient, None, "no fhir block, no launch patient");
     }
 
     #[test]

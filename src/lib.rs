@@ -17,6 +17,7 @@ pub mod decision;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod explain;
 pub mod fetch;
+pub mod fhir;
 pub mod introspection;
 pub mod jwks;
 #[cfg(not(target_arch = "wasm32"))]

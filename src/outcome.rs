@@ -10,6 +10,7 @@ use crate::audit::{self, AuditRecord};
 use crate::binding::Binding;
 use crate::config::{Policy, Rule};
 use crate::decision::{self, Request, Verdict, WaitFor};
+use crate::fhir;
 use crate::token::{self, VerifiedToken};
 
 /// The reason, rule and token of a final verdict. A `Wait` only gets here
@@ -28,6 +29,8 @@ pub fn settle(verdict: &Verdict) -> (Reason, Option<usize>, Option<Rc<VerifiedTo
         Verdict::Wait(WaitFor::Introspection { .. }) => {
             (Reason::IntrospectionUnavailable, None, None)
         }
+        // The host reads the body instead (it is only reached if not).
+        Verdict::NeedBody { .. } => (Reason::BadFhirRequest, None, None),
     }
 }
 
@@ -75,6 +78,10 @@ pub struct Seen<'a> {
     pub tls: Option<String>,
     /// How the client proved possession of a bound token, if it did.
     pub binding: Option<Binding>,
+    /// What the FHIR model saw of the request, if it is under the base path.
+    pub fhir: Option<&'a fhir::Seen>,
+    /// The launch patient's keyed fingerprint: never the id itself.
+    pub patient_fp: Option<String>,
 }
 
 /// The audit record of a decision, before the status and chain are known.
@@ -91,6 +98,8 @@ pub fn draft(
         request_id,
         tls,
         binding,
+        fhir,
+        patient_fp,
     } = seen;
     let token_fp = match (token, rule) {
         (Some(t), _) => Some(t.fingerprint.clone()),
@@ -131,9 +140,13 @@ pub fn draft(
         scopes_granted: token
             .map(|t| t.scopes.iter().map(str::to_owned).collect())
             .unwrap_or_default(),
+        // A rule's scopes, or the narrowest SMART scopes the FHIR model judged.
         scopes_required: rule
-            .map(|r| r.scopes.iter().chain(&r.scopes_any).cloned().collect())
-            .unwrap_or_default(),
+            .into_iter()
+            .flat_map(|r| r.scopes.iter().chain(&r.scopes_any))
+            .chain(fhir.into_iter().flat_map(|s| &s.scopes))
+            .cloned()
+            .collect(),
         acr: token.and_then(|t| t.acr.clone()),
         amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
         source: req.source.map(str::to_owned),
@@ -141,6 +154,9 @@ pub fn draft(
         tls: Some(tls.unwrap_or_else(|| "none".to_string())),
         binding: binding.map(|b| b.code().to_string()),
         phi_claims: token.map(|t| t.phi_claims.clone()).unwrap_or_default(),
+        fhir_interaction: fhir.map(|s| s.interaction.code().to_string()),
+        fhir_type: fhir.and_then(|s| s.kind.clone()),
+        patient_fp,
         vm: String::new(),
         seq: 0,
         chain: String::new(),

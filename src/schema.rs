@@ -460,6 +460,42 @@ pub fn schema() -> Value {
         )
         .default(json!({})),
         f(
+            "fhir",
+            object(vec![
+                f(
+                    "base_path",
+                    json!({"type": "string", "pattern": "^/([^/?#*{}]+(/[^/?#*{}]+)*)?$"}),
+                    "where the FHIR server's base is: / or plain segments, e.g. /fhir",
+                )
+                .required(),
+                f(
+                    "smart",
+                    boolean(),
+                    "SMART App Launch scopes grant access; false: the FHIR model grants nothing",
+                )
+                .default(json!(true)),
+                f(
+                    "smart_v1",
+                    boolean(),
+                    "also accept SMART v1 scopes (read, write, *)",
+                )
+                .default(json!(false)),
+                f(
+                    "patient_compartment",
+                    boolean(),
+                    "patient/ scopes reach only the launch patient's compartment",
+                )
+                .default(json!(true)),
+                f(
+                    "launch_claim",
+                    json!({"type": "string", "minLength": 1, "maxLength": 64}),
+                    "the token claim holding the launch patient's id",
+                )
+                .default(json!("patient")),
+            ]),
+            "a FHIR R4 server: requests under base_path no rule matches are judged by SMART scopes",
+        ),
+        f(
             "forbidden_claims",
             list(nonempty()),
             "claims a token must not carry (PHI, identity data); replaces the default list",

@@ -105,6 +105,9 @@ pub struct VerifiedToken {
     pub nbf: Option<i64>,
     pub iat: Option<i64>,
     pub scopes: GrantedScopes,
+    /// The SMART launch patient: the claim the policy's `fhir.launch_claim`
+    /// names, when it holds a FHIR id.
+    pub patient: Option<String>,
     /// [`fingerprint`] of the token, computed once: SHA-256 costs about 5 µs
     /// per token in V8, too much to pay again on every cache hit.
     pub fingerprint: String,
@@ -280,6 +283,7 @@ pub fn verify_within_budget<'k>(
             &roles,
             policy.deny_wildcard_scopes,
         ),
+        patient: launch_patient(policy, &c.other),
         sub: c.sub,
         client_id: c.client_id,
         azp: c.azp,
@@ -356,6 +360,19 @@ pub(crate) fn role_scopes(
         .collect()
 }
 
+/// The launch patient a token names in the claim `fhir.launch_claim`
+/// (none without a `fhir` block, or when the claim is not a FHIR id).
+pub(crate) fn launch_patient(
+    policy: &Policy,
+    other: &BTreeMap<String, serde_json::Value>,
+) -> Option<String> {
+    let claim = &policy.fhir.as_ref()?.launch_claim;
+    match other.get(claim) {
+        Some(serde_json::Value::String(id)) if crate::fhir::request::is_id(id) => Some(id.clone()),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Verified-token cache
 
@@ -391,7 +408,7 @@ struct Slot {
 
 /// About what one entry costs: the token, the claims kept, the table slot.
 fn entry_bytes(token_len: usize, v: &VerifiedToken) -> usize {
-    let strings = [&v.sub, &v.client_id, &v.azp, &v.jti, &v.acr]
+    let strings = [&v.sub, &v.client_id, &v.azp, &v.jti, &v.acr, &v.patient]
         .into_iter()
         .flatten()
         .chain(&v.amr)
@@ -716,6 +733,55 @@ mod tests {
         let v = verify(&policy, &keys, &kit.es256.sign(&claims, &[]), NOW).unwrap();
         let got: Vec<&str> = v.scopes.iter().collect();
         assert_eq!(got, ["a", "b", "c", "read:labs"]);
+    }
+
+    #[test]
+    fn launch_patient_from_the_fhir_launch_claim() {
+        let kit = Kit::new();
+        let keys = |_: usize| Some(&kit.keys);
+        let fhir = |claim: Option<&str>| {
+            kit.policy_with(|p| {
+                let mut f = serde_json::json!({"base_path": "/fhir"});
+                if let Some(c) = claim {
+                    f["launch_claim"] = c.into();
+                }
+                p["fhir"] = f;
+            })
+        };
+        let patient = |policy: &Policy, claims: &[(&str, serde_json::Value)]| {
+            let mut c = kit.claims();
+            for (k, v) in claims {
+                c[*k] = v.clone();
+            }
+            verify(policy, &keys, &kit.es256.sign(&c, &[]), NOW)
+                .unwrap()
+                .patient
+        };
+        let default = fhir(None);
+        assert_eq!(
+            patient(&default, &[("patient", "123".into())]).as_deref(),
+            Some("123")
+        );
+        assert_eq!(patient(&default, &[]), None);
+        // Not a FHIR id: no patient (a reference, a number, a list, junk).
+        for bad in [
+            serde_json::json!("Patient/123"),
+            serde_json::json!(123),
+            serde_json::json!(["123"]),
+            serde_json::json!(""),
+            serde_json::json!("a b"),
+        ] {
+            assert_eq!(
+                patient(&default, &[("patient", bad.clone())]),
+                None,
+                "{bad}"
+            );
+        }
+        let named = fhir(Some("launch_patient"));
+        let both = [("patient", "1".into()), ("launch_patient", "2".into())];
+        assert_eq!(patient(&named, &both).as_deref(), Some("2"));
+        // Without a fhir block no claim is a launch patient.
+        assert_eq!(patient(&kit.policy(&[]), &both), None);
     }
 
     #[test]

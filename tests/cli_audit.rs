@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use phi_guard::audit::{rfc3339_millis, AuditChain, AuditRecord};
+use phi_guard::audit::{patient_fingerprint, rfc3339_millis, AuditChain, AuditRecord};
 
 fn write_log(name: &str, lines: &[String]) -> PathBuf {
     let path =
@@ -317,4 +317,52 @@ fn misuse_exits_two() {
         .0,
         2
     );
+}
+
+#[test]
+fn patient_fp_fingerprints_ids_from_stdin_under_the_key() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let run_with = |input: &str, env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_phi-guard"));
+        cmd.args(["audit", "patient-fp", "--key-env", "PHI_GUARD_CLI_FP_KEY"])
+            .env_remove("PHI_GUARD_CLI_FP_KEY")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8(out.stdout).unwrap(),
+        )
+    };
+    let key = [("PHI_GUARD_CLI_FP_KEY", "the-audit-key")];
+    let (code, out) = run_with("123\n\n  pt-9 \n", &key);
+    assert_eq!(code, 0);
+    let want = format!(
+        "{}\n{}\n",
+        patient_fingerprint(b"the-audit-key", "123"),
+        patient_fingerprint(b"the-audit-key", "pt-9")
+    );
+    assert_eq!(out, want);
+    // The chain's sealer writes the same value.
+    let chain = AuditChain::new("v".into(), Some(b"the-audit-key".to_vec()));
+    assert_eq!(
+        chain.patient_fp("123").unwrap(),
+        out.lines().next().unwrap()
+    );
+    // No key: a usage error, and nothing written.
+    assert_eq!(run_with("123\n", &[]), (2, String::new()));
+    let (code, _) = run(&["audit", "patient-fp"], &[]);
+    assert_eq!(code, 2);
 }

@@ -22,6 +22,7 @@ use phi_guard::decision::{
     challenge, decide, forwarded_headers, Facts, Request, Revocations, State, Trace, Verdict,
     WaitFor,
 };
+use phi_guard::fhir::Body;
 use phi_guard::rules::SafePath;
 use phi_guard::token::{extract_bearer, TokenCache};
 use phi_guard_fuzz::{fixture, NOW};
@@ -48,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
         scheme: "https",
         authority: "fhir.example.org",
         dpop: &[],
+        body: Body::Unread,
     };
     let keys = |_: usize| (!no_keys).then_some(&f.keys);
     let facts = Facts {
@@ -95,6 +97,7 @@ fuzz_target!(|data: &[u8]| {
             _ => assert_eq!(*rule, first_match),
         },
         Verdict::Wait(_) => assert!(first_match.is_some()),
+        Verdict::NeedBody { .. } => panic!("the shipped policy reads no body"),
     }
 
     match &first {
@@ -123,7 +126,7 @@ fuzz_target!(|data: &[u8]| {
             let answer = deny(
                 *reason,
                 &policy.realm,
-                challenge(rule, Some(&policy.dpop_algs)),
+                challenge(rule, Some(&policy.dpop_algs), None),
             );
             assert!((400..600).contains(&answer.status));
             if let Some(www) = answer.www_authenticate {
@@ -134,6 +137,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(may_wait && *provider < policy.providers.len());
         }
         Verdict::Wait(w) => panic!("waits for {w:?}, which the policy does not use"),
+        Verdict::NeedBody { .. } => unreachable!("checked above"),
     }
 });
 
@@ -159,5 +163,6 @@ fn summary(v: &Verdict) -> (u8, Option<Reason>, Option<usize>) {
         }) => (2 + u8::from(*unknown_kid), None, Some(*provider)),
         Verdict::Wait(WaitFor::Revocations) => (4, None, None),
         Verdict::Wait(WaitFor::Introspection { provider, .. }) => (5, None, Some(*provider)),
+        Verdict::NeedBody { rule, .. } => (6, None, Some(*rule)),
     }
 }

@@ -8,9 +8,12 @@
 //!
 //! `phi-guard audit report <access-log>… [filters] [--format text|csv|json]`
 //! verifies the chains, then reports who did what (see `phi_guard::report`).
+//! `phi-guard audit patient-fp --key-env NAME` reads patient ids, one per
+//! line, and writes each one's `patient_fp` under the audit key, so that an
+//! investigation can find a patient's records without the log naming them.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::process::ExitCode;
 
 use phi_guard::audit;
@@ -19,6 +22,7 @@ const USAGE: &str = "\
 usage: phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env NAME] [--start-anywhere]
        phi-guard audit report <access-log>... [--since T] [--until T] [--subject S] [--client C]
                               [--rule R] [--format text|csv|json] [--key-env NAME] [--start-anywhere]
+       phi-guard audit patient-fp --key-env NAME < patient-ids
        phi-guard lint|explain|schema ...   (policy as code: below)
 
   audit verify   check the tamper-evident audit chains in an Envoy access log
@@ -46,6 +50,10 @@ usage: phi-guard audit verify <access-log> [--checkpoints ENVOY-LOG] [--key-env 
                  records at or after T, before T (2026-01-31 or 2026-01-31T08:00:00Z)
   --subject S, --client C, --rule R
                  records of that subject (sub), client (client_id) or rule only
+  audit patient-fp
+                 read FHIR patient ids, one per line, from standard input and
+                 write each one's patient_fp (the audit record's keyed
+                 fingerprint) under the audit key in NAME
 ";
 
 fn main() -> ExitCode {
@@ -67,6 +75,7 @@ fn main() -> ExitCode {
         ["lint", rest @ ..] => policy_command(phi_guard::cli::lint_main, rest),
         ["explain", rest @ ..] => policy_command(phi_guard::cli::explain_main, rest),
         ["schema", rest @ ..] => policy_command(phi_guard::cli::schema_main, rest),
+        ["audit", "patient-fp", rest @ ..] => audit_patient_fp(rest),
         _ => usage_error("unknown command"),
     }
 }
@@ -173,6 +182,28 @@ fn audit_verify(args: &[&str]) -> ExitCode {
         "ok: {} checkpoints matched ({} from before the log)",
         complete.matched, complete.before_log
     );
+    ExitCode::SUCCESS
+}
+
+/// Each patient id on standard input, as its `patient_fp`.
+fn audit_patient_fp(args: &[&str]) -> ExitCode {
+    let ["--key-env", name] = args else {
+        return usage_error("audit patient-fp needs --key-env NAME");
+    };
+    let key = match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => return usage_error(&format!("environment variable {name} is not set")),
+    };
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else {
+            eprintln!("phi-guard: standard input is not text");
+            return ExitCode::from(2);
+        };
+        let id = line.trim();
+        if !id.is_empty() {
+            println!("{}", audit::patient_fingerprint(key.as_bytes(), id));
+        }
+    }
     ExitCode::SUCCESS
 }
 

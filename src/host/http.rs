@@ -1,17 +1,18 @@
 //! The per-request context: read the request, ask the core, answer or
 //! continue, and write the audit record into filter state for the access log.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, MapType};
+use proxy_wasm::types::{Action, BufferType, MapType};
 
 use crate::answer::{self, Reason};
 use crate::audit::AuditRecord;
 use crate::binding::Binding;
 use crate::config::Policy;
 use crate::decision::{self, Request, Trace, Verdict, WaitFor};
+use crate::fhir::{self, Body};
 use crate::outcome;
 use crate::pairs;
 use crate::token::{self, VerifiedToken};
@@ -54,6 +55,30 @@ pub struct Pending {
     waited_for_answer: bool,
     /// What this request waited for; each is waited for once.
     waited_on: Vec<Awaited>,
+    /// The DPoP proof this request already had accepted: deciding it again
+    /// (after a wait, or with its body) is not a replay.
+    dpop_accepted: Cell<Option<[u8; 32]>>,
+    /// The request's `content-type`, for a FHIR `_search` form body.
+    content_type: Option<String>,
+    body: BodyRead,
+    /// Paused until the whole body is here: the core asked for it.
+    awaiting_body: bool,
+    /// The headers went on ahead of the body the core asked for (with the
+    /// identity headers set): its caches were counted then.
+    headers_sent: bool,
+}
+
+/// What was read of the request body: only ever a FHIR `_search`'s, which
+/// the core asks for ([`Verdict::NeedBody`]).
+#[derive(Default)]
+enum BodyRead {
+    #[default]
+    Unread,
+    Read(Vec<u8>),
+    /// Over `fhir::MAX_SEARCH_BODY`: the rest is not waited for.
+    TooLarge,
+    /// The host did not hand it over, or trailers followed it.
+    Unreadable,
 }
 
 pub struct Filter {
@@ -77,7 +102,7 @@ impl Filter {
 impl Context for Filter {}
 
 impl HttpContext for Filter {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         let Some(worker) = self.worker.clone() else {
             let _ = abi::send_response(
                 503,
@@ -100,6 +125,7 @@ impl HttpContext for Filter {
             authority,
             forwarded_proto,
             dpop,
+            content_type,
             ..
         } = &mut *p;
         // Values may hold any byte but NUL/CR/LF; lossy text is safe here: a
@@ -115,11 +141,64 @@ impl HttpContext for Filter {
                 b":authority" => *authority = text(value),
                 b"dpop" => dpop.push(text(value)),
                 b"x-forwarded-proto" if trust_xfp => *forwarded_proto = Some(text(value)),
+                b"content-type" => *content_type = Some(text(value)),
                 other => *spoofed |= outcome::is_identity_header(&w.policy, other),
             }
         }
+        if end_of_stream {
+            p.body = BodyRead::Read(Vec::new());
+        }
         p.source = property_string(&["source", "address"]);
         p.tls = property_string(&["connection", "tls_version"]);
+        decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
+    }
+
+    /// Reads the body the core asked for (a FHIR `_search`'s form), held
+    /// whole up to `fhir::MAX_SEARCH_BODY`, then decides again. Other bodies
+    /// pass: a request paused on its headers gets none until it goes on.
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(worker) = self.worker.clone() else {
+            return Action::Pause;
+        };
+        let mut w = worker.borrow_mut();
+        let mut p = self.pending.borrow_mut();
+        if !p.awaiting_body {
+            return if p.paused {
+                Action::Pause
+            } else {
+                Action::Continue
+            };
+        }
+        if body_size > fhir::MAX_SEARCH_BODY {
+            p.body = BodyRead::TooLarge;
+        } else if !end_of_stream {
+            return Action::Pause;
+        } else {
+            p.body = match abi::buffer(BufferType::HttpRequestBody, 0, body_size) {
+                Ok(bytes) => BodyRead::Read(bytes.unwrap_or_default()),
+                Err(_) => BodyRead::Unreadable,
+            };
+        }
+        p.awaiting_body = false;
+        decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
+    }
+
+    /// Trailers after a body the core waits for: a form never has them.
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        let Some(worker) = self.worker.clone() else {
+            return Action::Pause;
+        };
+        let mut w = worker.borrow_mut();
+        let mut p = self.pending.borrow_mut();
+        if !p.awaiting_body {
+            return if p.paused {
+                Action::Pause
+            } else {
+                Action::Continue
+            };
+        }
+        p.body = BodyRead::Unreadable;
+        p.awaiting_body = false;
         decide_or_park(&mut w, &mut p, self.context_id, &self.pending, now_ms())
     }
 
@@ -152,7 +231,15 @@ impl Filter {
         p.paused = false;
         let w = worker.borrow();
         w.metrics.decision(Reason::ClientClosed);
-        let record = draft(&p, Reason::ClientClosed, None, None, &w.policy, now_ms());
+        let record = draft(
+            &p,
+            Reason::ClientClosed,
+            None,
+            None,
+            (None, None),
+            &w.policy,
+            now_ms(),
+        );
         p.record = Some(record);
     }
 
@@ -189,8 +276,17 @@ fn run(w: &mut Worker, p: &Pending, now: u64, may_wait: bool) -> (Verdict, Trace
         scheme: &p.scheme,
         authority: &p.authority,
         dpop: &dpop,
+        body: match &p.body {
+            BodyRead::Unread => Body::Unread,
+            BodyRead::Read(bytes) => Body::Read {
+                content_type: p.content_type.as_deref(),
+                bytes,
+            },
+            BodyRead::TooLarge => Body::TooLarge,
+            BodyRead::Unreadable => Body::Unreadable,
+        },
     };
-    w.decide(&req, now, may_wait)
+    w.decide(&req, &p.dpop_accepted, now, may_wait)
 }
 
 /// Decides the request, or parks it on a document a fetch may bring or on an
@@ -243,9 +339,25 @@ fn decide_or_park(
         }
         (verdict, trace) = run(w, p, now, false);
     }
+    if let Verdict::NeedBody { rule, token } = &verdict {
+        // Envoy holds no headers while a wasm filter reads the body: they go
+        // on now, as for an allow, and on_http_request_body holds the body
+        // whole and decides again; a refusal then resets the upstream request.
+        let policy = Rc::clone(&w.policy);
+        if let Some(rule) = policy.rule(*rule) {
+            forward(p, &policy, rule, token.as_deref());
+        }
+        w.count_caches(&trace, &verdict, p.waited, p.waited_for_answer);
+        p.headers_sent = true;
+        p.awaiting_body = true;
+        p.paused = true;
+        return Action::Continue;
+    }
     p.paused = false;
-    w.count_caches(trace, &verdict, p.waited, p.waited_for_answer);
-    apply(w, p, verdict, now)
+    if !p.headers_sent {
+        w.count_caches(&trace, &verdict, p.waited, p.waited_for_answer);
+    }
+    apply(w, p, verdict, &trace, now)
 }
 
 /// Called by the root, with this request's context made effective, once
@@ -266,19 +378,26 @@ pub fn finish_waiting(worker: &Rc<RefCell<Worker>>, waiter: &Waiter, now: u64) {
 }
 
 /// Carries out a verdict on the current request and drafts its audit record.
-fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Action {
+fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, trace: &Trace, now_ms: u64) -> Action {
     let policy = Rc::clone(&w.policy);
     if let Verdict::Allow { binding, .. } = &verdict {
         p.binding = *binding;
     }
     let (reason, rule, token) = outcome::settle(&verdict);
     w.metrics.decision(reason);
-    let rule_ref = rule.and_then(|i| policy.rules.get(i));
+    let rule_ref = rule.and_then(|i| policy.rule(i));
+    // The patient is named in the record only by its keyed fingerprint.
+    let patient_fp = trace
+        .fhir
+        .as_ref()
+        .and_then(|f| f.patient.as_deref())
+        .and_then(|id| w.chain.patient_fp(id));
     p.record = Some(draft(
         p,
         reason,
         rule_ref,
         token.as_deref(),
+        (trace.fhir.as_ref(), patient_fp),
         &policy,
         now_ms,
     ));
@@ -286,7 +405,7 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
         if token.as_ref().is_some_and(|t| !t.phi_claims.is_empty()) {
             metrics::bump(w.metrics.phi_flagged);
         }
-        if let Some(rule) = rule_ref {
+        if let Some(rule) = rule_ref.filter(|_| !p.headers_sent) {
             forward(p, &policy, rule, token.as_deref());
         }
         return Action::Continue;
@@ -303,11 +422,16 @@ fn apply(w: &mut Worker, p: &mut Pending, verdict: Verdict, now_ms: u64) -> Acti
             scheme: &p.scheme,
             authority: &p.authority,
             dpop: &[],
+            body: Body::Unread,
         };
         decision::is_dpop(&req, reason, token.as_deref())
     };
     let algs = dpop.then_some(policy.dpop_algs.as_str());
-    let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref, algs));
+    let answer = answer::deny(
+        reason,
+        &policy.realm,
+        decision::challenge(rule_ref, algs, trace.fhir.as_ref()),
+    );
     let mut headers = vec![
         ("content-type", "text/plain"),
         ("cache-control", "no-store"),
@@ -353,6 +477,7 @@ fn draft(
     reason: Reason,
     rule: Option<&crate::config::Rule>,
     token: Option<&VerifiedToken>,
+    fhir: (Option<&fhir::Seen>, Option<String>),
     policy: &Policy,
     now_ms: u64,
 ) -> AuditRecord {
@@ -368,12 +493,15 @@ fn draft(
         scheme: &p.scheme,
         authority: &p.authority,
         dpop: &dpop,
+        body: Body::Unread,
     };
     let seen = outcome::Seen {
         req,
         request_id: p.request_id.as_deref(),
         tls: p.tls.clone(),
         binding: p.binding,
+        fhir: fhir.0,
+        patient_fp: fhir.1,
     };
     outcome::draft(seen, reason, rule, token, policy, now_ms)
 }

@@ -6,7 +6,7 @@
 //! and sharing the documents is `fetcher`'s; asking about tokens is
 //! `introspect`'s.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 
 use crate::answer::Reason;
@@ -147,7 +147,16 @@ impl Worker {
     }
 
     /// Decides a request with the documents this VM holds.
-    pub fn decide(&mut self, req: &Request<'_>, now_ms: u64, may_wait: bool) -> (Verdict, Trace) {
+    /// `dpop_accepted` is the request's own DPoP proof once accepted: the
+    /// same request decided again (after a wait, or with its body) is not
+    /// replaying it.
+    pub fn decide(
+        &mut self,
+        req: &Request<'_>,
+        dpop_accepted: &Cell<Option<[u8; 32]>>,
+        now_ms: u64,
+        may_wait: bool,
+    ) -> (Verdict, Trace) {
         self.served = true;
         let now = secs(now_ms);
         let mut trace = Trace::default();
@@ -187,7 +196,16 @@ impl Worker {
                 .flatten()
                 .and_then(|b| String::from_utf8(b).ok())
         };
-        let first_use = |digest: &[u8; 32], until: i64| replay::first_use(digest, until, now_i);
+        let first_use = |digest: &[u8; 32], until: i64| {
+            if dpop_accepted.get().as_ref() == Some(digest) {
+                return true;
+            }
+            let first = replay::first_use(digest, until, now_i);
+            if first {
+                dpop_accepted.set(Some(*digest));
+            }
+            first
+        };
         let facts = Facts {
             keys: &key_set,
             revocations,
@@ -211,7 +229,7 @@ impl Worker {
     /// once (and counted as a miss when it started waiting).
     pub fn count_caches(
         &self,
-        trace: Trace,
+        trace: &Trace,
         verdict: &Verdict,
         waited: bool,
         waited_for_answer: bool,

@@ -4,7 +4,7 @@
 //! the verification budget) is per worker thread, as in the wasm filter's
 //! per-VM state; the documents come from the shared [`Snapshot`].
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use crate::audit::AuditRecord;
 use crate::binding::Binding;
 use crate::decision::{self, Facts, Request, Revocations, State, Trace, Verdict, WaitFor};
 use crate::fetch::Freshness;
+use crate::fhir::Body;
 use crate::jwks::KeySet;
 use crate::outcome;
 use crate::token;
@@ -89,6 +90,9 @@ pub struct Filter {
     forwarded_proto: Option<String>,
     dpop: Vec<String>,
     binding: Option<Binding>,
+    /// The DPoP proof this request already had accepted: deciding it again
+    /// after a wait is not a replay.
+    dpop_accepted: Cell<Option<[u8; 32]>>,
     record: Option<AuditRecord>,
     sealed: bool,
     paused: bool,
@@ -119,6 +123,7 @@ impl Filter {
             forwarded_proto: None,
             dpop: Vec::new(),
             binding: None,
+            dpop_accepted: Cell::new(None),
             record: None,
             sealed: false,
             paused: false,
@@ -170,7 +175,7 @@ impl Filter {
         if self.record.is_none() && self.paused {
             self.paused = false;
             self.shared.metrics.decision(stream, Reason::ClientClosed);
-            self.record = Some(self.draft(Reason::ClientClosed, None, None, now_ms()));
+            self.record = Some(self.draft(Reason::ClientClosed, None, None, None, now_ms()));
         }
         if self.sealed {
             return;
@@ -247,7 +252,16 @@ impl Filter {
         let now_s = i64::try_from(now / 1000).unwrap_or(i64::MAX);
         // Read only for a certificate-bound token.
         let peer_cert = || stream.peer_certificate_sha256();
-        let first_use = |digest: &[u8; 32], until: i64| replay::first_use(digest, until, now_s);
+        let first_use = |digest: &[u8; 32], until: i64| {
+            if self.dpop_accepted.get().as_ref() == Some(digest) {
+                return true;
+            }
+            let first = replay::first_use(digest, until, now_s);
+            if first {
+                self.dpop_accepted.set(Some(*digest));
+            }
+            first
+        };
         let facts = Facts {
             keys: &key_set,
             revocations,
@@ -317,13 +331,20 @@ impl Filter {
             (verdict, trace) = self.run(stream, &mut local, now, false);
         }
         self.paused = false;
-        self.count(stream, &mut local, trace, &verdict, now);
+        self.count(stream, &mut local, &trace, &verdict, now);
         drop(local);
-        self.apply(stream, verdict, now)
+        self.apply(stream, verdict, &trace, now)
     }
 
     /// Counts a request's final decision in the cache stats, once.
-    fn count(&self, stream: &Stream, local: &mut Local, trace: Trace, verdict: &Verdict, now: u64) {
+    fn count(
+        &self,
+        stream: &Stream,
+        local: &mut Local,
+        trace: &Trace,
+        verdict: &Verdict,
+        now: u64,
+    ) {
         let m = &self.shared.metrics;
         match trace.token_cache_hit {
             Some(true) => metrics::bump(stream, m.token_cache_hit),
@@ -358,15 +379,17 @@ impl Filter {
     }
 
     /// Carries out a verdict and drafts its audit record; `true` to continue.
-    fn apply(&mut self, stream: &Stream, verdict: Verdict, now: u64) -> bool {
+    fn apply(&mut self, stream: &Stream, verdict: Verdict, trace: &Trace, now: u64) -> bool {
         let policy = Arc::clone(&self.shared.policy);
         if let Verdict::Allow { binding, .. } = &verdict {
             self.binding = *binding;
         }
+        // The module reads no body: a FHIR `_search` whose form decides is
+        // refused as a request it cannot judge (see `Shared::new`).
         let (reason, rule, token) = outcome::settle(&verdict);
         self.shared.metrics.decision(stream, reason);
-        let rule_ref = rule.and_then(|i| policy.rules.get(i));
-        self.record = Some(self.draft(reason, rule_ref, token.as_deref(), now));
+        let rule_ref = rule.and_then(|i| policy.rule(i));
+        self.record = Some(self.draft(reason, rule_ref, token.as_deref(), Some(trace), now));
         if reason == Reason::Ok {
             if token.as_ref().is_some_and(|t| !t.phi_claims.is_empty()) {
                 metrics::bump(stream, self.shared.metrics.phi_flagged);
@@ -390,7 +413,11 @@ impl Filter {
             decision::is_dpop(&self.request(&auth, &[]), reason, token.as_deref())
         };
         let algs = dpop.then_some(policy.dpop_algs.as_str());
-        let answer = answer::deny(reason, &policy.realm, decision::challenge(rule_ref, algs));
+        let answer = answer::deny(
+            reason,
+            &policy.realm,
+            decision::challenge(rule_ref, algs, trace.fhir.as_ref()),
+        );
         let mut headers = vec![
             ("content-type", "text/plain"),
             ("cache-control", "no-store"),
@@ -410,6 +437,7 @@ impl Filter {
         reason: Reason,
         rule: Option<&crate::config::Rule>,
         token: Option<&token::VerifiedToken>,
+        trace: Option<&Trace>,
         now: u64,
     ) -> AuditRecord {
         let auth: Vec<&str> = self.authorization.iter().map(String::as_str).collect();
@@ -418,6 +446,12 @@ impl Filter {
             request_id: self.request_id.as_deref(),
             tls: self.tls.clone(),
             binding: self.binding,
+            fhir: trace.and_then(|t| t.fhir.as_ref()),
+            // The patient is named in the record only by its keyed fingerprint.
+            patient_fp: trace
+                .and_then(|t| t.fhir.as_ref()?.patient.as_deref())
+                .zip(self.shared.chains.get(self.worker))
+                .and_then(|(id, c)| lock(c).chain.patient_fp(id)),
         };
         outcome::draft(seen, reason, rule, token, &self.shared.policy, now)
     }
@@ -434,6 +468,7 @@ impl Filter {
             scheme: &self.scheme,
             authority: &self.authority,
             dpop,
+            body: Body::Unread,
         }
     }
 }

@@ -31,6 +31,8 @@ fn full() -> Value {
                        "timeout_ms": 1000, "max_stale_seconds": 60},
         "transport": {"require_tls": false, "min_tls_version": "TLSv1.3", "trusted_forwarded_proto": true},
         "dpop": {"max_age_seconds": 30},
+        "fhir": {"base_path": "/fhir", "smart": true, "smart_v1": true, "patient_compartment": false,
+                 "launch_claim": "launch_patient"},
         "forbidden_claims": ["email", "mrn"], "forbidden_claims_action": "audit",
         "rules": [
             {"id": "h", "path": "/healthz", "public": true},
@@ -68,6 +70,7 @@ fn objects(s: &Value) -> Vec<(&'static str, Value)> {
         ("/revocation", s["properties"]["revocation"].clone()),
         ("/transport", s["properties"]["transport"].clone()),
         ("/dpop", s["properties"]["dpop"].clone()),
+        ("/fhir", s["properties"]["fhir"].clone()),
     ]
 }
 
