@@ -29,8 +29,9 @@ pub fn settle(verdict: &Verdict) -> (Reason, Option<usize>, Option<Rc<VerifiedTo
         Verdict::Wait(WaitFor::Introspection { .. }) => {
             (Reason::IntrospectionUnavailable, None, None)
         }
-        // The host reads the body instead (it is only reached if not).
-        Verdict::NeedBody { .. } => (Reason::BadFhirRequest, None, None),
+        // A host that reads no body (the native module) refuses the search
+        // rather than judge it on its query alone.
+        Verdict::NeedBody { rule, token } => (Reason::BadFhirRequest, Some(*rule), token.clone()),
     }
 }
 

@@ -143,6 +143,9 @@ impl Shared {
         if let Some(warning) = policy.plaintext_warning() {
             log::warn!("{warning}");
         }
+        if policy.fhir.is_some() && policy.audit_hmac_key_env.is_none() {
+            log::warn!("fhir: no audit.hmac_key_env, so audit records carry no patient_fp");
+        }
         if policy.fhir.is_some() {
             // Fails closed: the search is refused, never judged on its query alone.
             log::warn!("the native module reads no request body: a FHIR _search whose form body would decide it is answered 400 bad_fhir_request (use GET, or the wasm filter)");

@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 
+from conftest import only
 from harness import REPO, Envoy, audits, challenge_of, eventually, mint, parse_challenge, shipped_policy
 
 TABLE = json.loads((REPO / "tests" / "fhir_table.json").read_text())
@@ -144,11 +145,15 @@ E2E_POLICIES = sorted({r["policy"] for r in TABLE["rows"] if r.get("e2e")})
 
 
 @pytest.mark.parametrize("policy_name", E2E_POLICIES)
-def test_fhir_table_rows_in_envoy(envoy_factory, jwks_server, upstream, keys, monkeypatch, policy_name):
+def test_fhir_table_rows_in_envoy(envoy_factory, jwks_server, upstream, keys, monkeypatch, policy_name, build):
     key = f"fhir-audit-key-{uuid.uuid4().hex}"
     monkeypatch.setenv(KEY_ENV, key)  # Envoy inherits the test's environment
     envoy = envoy_factory(table_policy(policy_name, jwks_server.port), host_env_keys=[KEY_ENV])
     rows = [r for r in TABLE["rows"] if r.get("e2e") and r["policy"] == policy_name]
+    if build == "native":
+        # The module reads no body (README, Native module): form rows are
+        # test_native_refuses_a_search_its_form_would_decide's.
+        rows = [r for r in rows if "form" not in r]
     assert rows
     wrong = []
     for row in rows:
@@ -165,7 +170,7 @@ def test_fhir_table_rows_in_envoy(envoy_factory, jwks_server, upstream, keys, mo
     assert envoy.alive, envoy.log_tail()
 
 
-def test_the_patient_id_is_never_in_clear(envoy_factory, jwks_server, upstream, keys, monkeypatch):
+def test_the_patient_id_is_never_in_clear(envoy_factory, jwks_server, upstream, keys, monkeypatch, build):
     """Records name the compartment's patient by its keyed fingerprint (one
     key for every worker, so one fingerprint); when the id is only in the query or the form, no
     log holds it (an id in the path, /fhir/Patient/[id], stays in the
@@ -181,8 +186,12 @@ def test_the_patient_id_is_never_in_clear(envoy_factory, jwks_server, upstream, 
     for i in range(n):
         resp = envoy.get(paths[i % 2], token=token)
         assert resp.status == 200, (resp.status, resp.text)
-    form = f"patient={patient}".encode()
-    resp = envoy.request("POST", "/fhir/Observation/_search", token=token, body=form, headers={"Content-Type": FORM})
+    if build == "native":
+        # The module reads no form: one more search by query in its place.
+        resp = envoy.get(paths[0], token=token)
+    else:
+        form = f"patient={patient}".encode()
+        resp = envoy.request("POST", "/fhir/Observation/_search", token=token, body=form, headers={"Content-Type": FORM})
     assert resp.status == 200, (resp.status, resp.text)
     # Another patient's search, refused, is fingerprinted too (who tried to reach whom).
     other = f"pt-{uuid.uuid4().hex[:10]}"
@@ -212,10 +221,11 @@ def test_no_audit_key_no_patient_fp(envoy_factory, jwks_server, upstream, keys):
     assert "no audit.hmac_key_env, so audit records carry no patient_fp" in envoy.log_text(), envoy.log_tail()
 
 
-def test_search_body_is_read_only_for_the_fhir_model(envoy_factory, jwks_server, upstream, keys):
+def test_search_body_is_read_only_for_the_fhir_model(envoy_factory, jwks_server, upstream, keys, build):
     """A create's body, an explicit rule's body and a body sent while the request
     waits for nothing are forwarded untouched; a _search form reaches the upstream
     whole after it was read."""
+    only(build, "wasm", "the native module reads no body")
     policy = table_policy("fhir", jwks_server.port, audit_key_env=None)
     policy["rules"].append({"id": "search-rule", "methods": ["POST"], "path": "/fhir/Basic/_search", "scopes": ["basic:search"]})
     envoy = envoy_factory(policy)
@@ -243,8 +253,9 @@ def test_search_body_is_read_only_for_the_fhir_model(envoy_factory, jwks_server,
     assert all("loinc" not in json.dumps(r) and "xxxx" not in json.dumps(r) for r in records), records
 
 
-def test_search_body_waits_for_keys_too(envoy_factory, jwks_server, upstream, keys):
+def test_search_body_waits_for_keys_too(envoy_factory, jwks_server, upstream, keys, build):
     """A _search read before any keys came waits for them, then is decided on its form."""
+    only(build, "wasm", "the native module reads no body")
     policy = table_policy("fhir", jwks_server.port, audit_key_env=None)
     policy["providers"][0]["jwks"].update(timeout_ms=30000)
     jwks_server.hold()
@@ -274,3 +285,20 @@ def test_search_body_waits_for_keys_too(envoy_factory, jwks_server, upstream, ke
     # The refused one's headers may have gone on ahead of its form; only the allowed one arrived whole.
     whole = [(r.path, r.body) for r in upstream.requests if r.body]
     assert whole == [("/fhir/Observation/_search", b"patient=123")], whole
+
+
+def test_native_refuses_a_search_its_form_would_decide(envoy_factory, jwks_server, upstream, keys, build):
+    """The native module reads no body: a _search whose form would decide it is
+    refused 400 bad_fhir_request (never judged on its query alone), nothing
+    reaches the upstream, and the load log says so; GET searches are judged."""
+    only(build, "native", "the wasm filter reads the form")
+    envoy = envoy_factory(table_policy("fhir", jwks_server.port, audit_key_env=None))
+    tok = mint(keys["ES256"], scope="patient/Observation.rs", patient="123")
+    resp = envoy.request("POST", "/fhir/Observation/_search", token=tok, body=b"patient=123", headers={"Content-Type": FORM})
+    assert resp.status == 400 and resp.text == "bad request\n", (resp.status, resp.text)
+    assert upstream.requests == []
+    assert envoy.get("/fhir/Observation?patient=123", token=tok).status == 200
+    refused, allowed = audits(envoy, 2)
+    assert (refused["reason"], refused["rule"], refused["fhir_interaction"]) == ("bad_fhir_request", "fhir", "search-type")
+    assert allowed["reason"] == "ok"
+    assert "reads no request body" in envoy.log_text(), envoy.log_tail()
