@@ -10,6 +10,11 @@ use std::io::BufRead;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::answer::Reason;
+use crate::binding::Binding;
+use crate::config::{Policy, Rule};
+use crate::token::{self, VerifiedToken};
+
 /// Longest string kept in a record field; a hostile token cannot bloat the log.
 const MAX_FIELD: usize = 256;
 /// Most items kept in a list field.
@@ -111,6 +116,90 @@ impl AuditRecord {
             list.iter_mut().for_each(clip_in_place);
         }
     }
+}
+
+/// What the host read of a request that its audit record names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Request<'a> {
+    pub request_id: Option<&'a str>,
+    pub method: &'a str,
+    /// Envoy's `:path`, query included (the record keeps none).
+    pub path: &'a str,
+    /// Every `Authorization` header value: a refused token is named by its fingerprint.
+    pub authorization: &'a [String],
+    pub source: Option<&'a str>,
+    /// `None` over plaintext.
+    pub tls: Option<&'a str>,
+    pub binding: Option<Binding>,
+}
+
+/// The audit record of a decision, before the status and chain are known.
+pub fn draft(
+    seen: &Request<'_>,
+    reason: Reason,
+    rule: Option<&Rule>,
+    token: Option<&VerifiedToken>,
+    policy: &Policy,
+    now_ms: u64,
+) -> AuditRecord {
+    let token_fp = match (token, rule) {
+        (Some(t), _) => Some(t.fingerprint.clone()),
+        // A public rule ignores any token, so the record does not name one;
+        // one sent over plaintext may have been seen, and is not named either.
+        (None, Some(r)) if r.public => None,
+        (None, _) if reason == Reason::InsecureTransport => None,
+        (None, _) => {
+            let auth: Vec<&str> = seen.authorization.iter().map(String::as_str).collect();
+            token::extract_credentials(&auth)
+                .ok()
+                .flatten()
+                .map(|(_, t)| token::fingerprint(t))
+        }
+    };
+    let mut r = AuditRecord {
+        ts: rfc3339_millis(now_ms.saturating_mul(1_000_000)),
+        request_id: seen.request_id.map(str::to_owned),
+        decision: if reason == Reason::Ok {
+            "allow"
+        } else {
+            "deny"
+        }
+        .to_string(),
+        reason: reason.code().to_string(),
+        step_up: match reason {
+            Reason::StepUpRequired(f) => Some(f.code().to_string()),
+            _ => None,
+        },
+        rule: rule.map(|r| r.id.clone()),
+        method: seen.method.to_owned(),
+        path: String::new(),
+        status: 0,
+        iss: token
+            .and_then(|t| policy.providers.get(t.provider))
+            .map(|p| p.issuer.clone()),
+        sub: token.and_then(|t| t.sub.clone()),
+        client_id: token.and_then(|t| t.client_id.clone().or_else(|| t.azp.clone())),
+        jti: token.and_then(|t| t.jti.clone()),
+        token_fp,
+        scopes_granted: token
+            .map(|t| t.scopes.iter().map(str::to_owned).collect())
+            .unwrap_or_default(),
+        scopes_required: rule
+            .map(|r| r.scopes.iter().chain(&r.scopes_any).cloned().collect())
+            .unwrap_or_default(),
+        acr: token.and_then(|t| t.acr.clone()),
+        amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
+        source: seen.source.map(str::to_owned),
+        // Always there: "none" says plaintext as plainly as a version says TLS.
+        tls: Some(seen.tls.unwrap_or("none").to_owned()),
+        binding: seen.binding.map(|b| b.code().to_string()),
+        phi_claims: token.map(|t| t.phi_claims.clone()).unwrap_or_default(),
+        vm: String::new(),
+        seq: 0,
+        chain: String::new(),
+    };
+    r.set_path(seen.path);
+    r
 }
 
 fn clip_in_place(s: &mut String) {

@@ -391,62 +391,14 @@ fn draft(
     policy: &Policy,
     now_ms: u64,
 ) -> AuditRecord {
-    let token_fp = match (token, rule) {
-        (Some(t), _) => Some(t.fingerprint.clone()),
-        // A public rule ignores any token, so the record does not name one;
-        // one sent over plaintext may have been seen, and is not named either.
-        (None, Some(r)) if r.public => None,
-        (None, _) if reason == Reason::InsecureTransport => None,
-        (None, _) => {
-            let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
-            token::extract_credentials(&auth)
-                .ok()
-                .flatten()
-                .map(|(_, t)| token::fingerprint(t))
-        }
+    let seen = audit::Request {
+        request_id: p.request_id.as_deref(),
+        method: &p.method,
+        path: &p.path,
+        authorization: &p.authorization,
+        source: p.source.as_deref(),
+        tls: p.tls.as_deref(),
+        binding: p.binding,
     };
-    let mut r = AuditRecord {
-        ts: audit::rfc3339_millis(now_ms.saturating_mul(1_000_000)),
-        request_id: p.request_id.clone(),
-        decision: if reason == Reason::Ok {
-            "allow"
-        } else {
-            "deny"
-        }
-        .to_string(),
-        reason: reason.code().to_string(),
-        step_up: match reason {
-            Reason::StepUpRequired(f) => Some(f.code().to_string()),
-            _ => None,
-        },
-        rule: rule.map(|r| r.id.clone()),
-        method: p.method.clone(),
-        path: String::new(),
-        status: 0,
-        iss: token
-            .and_then(|t| policy.providers.get(t.provider))
-            .map(|p| p.issuer.clone()),
-        sub: token.and_then(|t| t.sub.clone()),
-        client_id: token.and_then(|t| t.client_id.clone().or_else(|| t.azp.clone())),
-        jti: token.and_then(|t| t.jti.clone()),
-        token_fp,
-        scopes_granted: token
-            .map(|t| t.scopes.iter().map(str::to_owned).collect())
-            .unwrap_or_default(),
-        scopes_required: rule
-            .map(|r| r.scopes.iter().chain(&r.scopes_any).cloned().collect())
-            .unwrap_or_default(),
-        acr: token.and_then(|t| t.acr.clone()),
-        amr: token.map(|t| t.amr.clone()).unwrap_or_default(),
-        source: p.source.clone(),
-        // Always there: "none" says plaintext as plainly as a version says TLS.
-        tls: Some(p.tls.clone().unwrap_or_else(|| "none".to_string())),
-        binding: p.binding.map(|b| b.code().to_string()),
-        phi_claims: token.map(|t| t.phi_claims.clone()).unwrap_or_default(),
-        vm: String::new(),
-        seq: 0,
-        chain: String::new(),
-    };
-    r.set_path(&p.path);
-    r
+    audit::draft(&seen, reason, rule, token, policy, now_ms)
 }
