@@ -87,7 +87,7 @@ struct Read {
 /// The header loop of `on_http_request_headers`.
 fn read_headers(policy: &Policy, block: &[u8]) -> Read {
     let mut r = Read::default();
-    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    let text = pairs::text;
     for (name, value) in pairs::iter(block) {
         match name {
             b":method" => r.method = text(value),

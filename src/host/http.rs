@@ -103,7 +103,7 @@ impl HttpContext for Filter {
         } = &mut *p;
         // Values may hold any byte but NUL/CR/LF; lossy text is safe here: a
         // replacement character fails the token and the path checks.
-        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        let text = pairs::text;
         for (name, value) in pairs::iter(&headers) {
             match name {
                 b":method" => *method = text(value),
