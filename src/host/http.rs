@@ -8,7 +8,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
 use crate::answer::{self, Reason};
-use crate::audit::AuditRecord;
+use crate::audit::{self, AuditRecord};
 use crate::binding::Binding;
 use crate::config::Policy;
 use crate::decision::{self, Request, Trace, Verdict, WaitFor};
@@ -130,7 +130,7 @@ impl HttpContext for Filter {
         } = &mut *p;
         // Values may hold any byte but NUL/CR/LF; lossy text is safe here: a
         // replacement character fails the token and the path checks.
-        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        let text = pairs::text;
         for (name, value) in pairs::iter(&headers) {
             match name {
                 b":method" => *method = text(value),
@@ -481,27 +481,16 @@ fn draft(
     policy: &Policy,
     now_ms: u64,
 ) -> AuditRecord {
-    let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
-    let dpop: Vec<&str> = p.dpop.iter().map(String::as_str).collect();
-    let req = Request {
+    let seen = audit::Request {
+        request_id: p.request_id.as_deref(),
         method: &p.method,
         path: &p.path,
-        authorization: &auth,
+        authorization: &p.authorization,
         source: p.source.as_deref(),
-        tls_version: p.tls.as_deref(),
-        forwarded_proto: p.forwarded_proto.as_deref(),
-        scheme: &p.scheme,
-        authority: &p.authority,
-        dpop: &dpop,
-        body: Body::Unread,
-    };
-    let seen = outcome::Seen {
-        req,
-        request_id: p.request_id.as_deref(),
-        tls: p.tls.clone(),
+        tls: p.tls.as_deref(),
         binding: p.binding,
         fhir: fhir.0,
-        patient_fp: fhir.1,
+        patient_fp: fhir.1.as_deref(),
     };
-    outcome::draft(seen, reason, rule, token, policy, now_ms)
+    audit::draft(&seen, reason, rule, token, policy, now_ms)
 }

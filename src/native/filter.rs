@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::answer::{self, Reason};
-use crate::audit::AuditRecord;
+use crate::audit::{self, AuditRecord};
 use crate::binding::Binding;
 use crate::decision::{self, Facts, Request, Revocations, State, Trace, Verdict, WaitFor};
 use crate::fetch::Freshness;
@@ -440,20 +440,23 @@ impl Filter {
         trace: Option<&Trace>,
         now: u64,
     ) -> AuditRecord {
-        let auth: Vec<&str> = self.authorization.iter().map(String::as_str).collect();
-        let seen = outcome::Seen {
-            req: self.request(&auth, &[]),
+        let patient_fp = trace
+            .and_then(|t| t.fhir.as_ref()?.patient.as_deref())
+            .zip(self.shared.chains.get(self.worker))
+            .and_then(|(id, c)| lock(c).chain.patient_fp(id));
+        let seen = audit::Request {
             request_id: self.request_id.as_deref(),
-            tls: self.tls.clone(),
+            method: &self.method,
+            path: &self.path,
+            authorization: &self.authorization,
+            source: self.source.as_deref(),
+            tls: self.tls.as_deref(),
             binding: self.binding,
             fhir: trace.and_then(|t| t.fhir.as_ref()),
             // The patient is named in the record only by its keyed fingerprint.
-            patient_fp: trace
-                .and_then(|t| t.fhir.as_ref()?.patient.as_deref())
-                .zip(self.shared.chains.get(self.worker))
-                .and_then(|(id, c)| lock(c).chain.patient_fp(id)),
+            patient_fp: patient_fp.as_deref(),
         };
-        outcome::draft(seen, reason, rule, token, &self.shared.policy, now)
+        audit::draft(&seen, reason, rule, token, &self.shared.policy, now)
     }
 
     /// The request as the core reads it.
