@@ -19,7 +19,9 @@ Equal features (the headline, DESIGN.md §6 "like for like"):
   phi-guard  the shipped envoy.yaml and policy (identity headers x-phi-subject,
              x-phi-client-id, x-phi-scopes, x-phi-rule; token removed), its
              audit record built, sealed and written into the access log below
-  The access log, the same on all three: one JSON line per request to a
+  module     phi-guard as the Envoy dynamic module (`make native`): the same
+             core, envoy.yaml and policy, no VM (issue #19)
+  The access log, the same on all four: one JSON line per request to a
   file, with %START_TIME%, x-request-id, method, path without the query,
   status, downstream address, TLS version, the JWT payload
   (%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt)%) and the audit
@@ -41,8 +43,11 @@ Workloads, RS256 (2048-bit) and ES256:
             connection waits PACE_MS between requests, so both see about
             the same request rate, well below either side's maximum
 
-A cached side gets one Envoy per algorithm. Rounds alternate the sides
-(native and phi-guard swap order every round); the round with the median
+Every comparison (no auth; native, phi-guard, module) is also a row of the
+module's own table, plain and equal features, target >= 1.3x native on
+repeated and 10k with equal features. A cached side gets one Envoy per
+algorithm. Rounds alternate the sides (each group of compared runs goes in
+reverse order every other round); the round with the median
 req/s is reported, with the spread of the per-round ratio.
 
 Also: each side's cache hit rate per workload (from its own stats), the RSS
@@ -120,6 +125,15 @@ TARGETS = {
     ("plain", "cold", "RS256"): 0.5,
     ("plain", "cold", "ES256"): 0.3,
 }
+# The dynamic module / native req/s, equal features (issue #19).
+MODULE_TARGETS = {
+    ("equal", "repeated", "RS256"): 1.3,
+    ("equal", "repeated", "ES256"): 1.3,
+    ("equal", "10k", "RS256"): 1.3,
+    ("equal", "10k", "ES256"): 1.3,
+}
+# The phi-guard builds measured against native: the wasm filter and the dynamic module.
+BUILDS_MEASURED = {"phi-guard": "wasm", "module": "native"}
 # At the same load, phi-guard's p99 at most this many times native's.
 P99_TARGET = 1.5
 # Two workers against one, req/s.
@@ -355,13 +369,15 @@ def phi_guard_side(
     equal: bool = False,
     concurrency: int = 1,
     algorithms: list[str] | None = None,
+    build: str = "wasm",
 ) -> Side:
     """The shipped envoy.yaml and policy as the e2e tests run them, keys from
     our JWKS server, the route turned into the same direct answer as the
     native side's; the verified-token cache TOKENS or off; `policy_overrides`
     set further top-level policy fields, `algorithms` the provider's list.
     Plain: no access log. `equal`: the equal-features access log, the
-    audit record in it."""
+    audit record in it. `build` "native" runs the dynamic module instead
+    of the wasm filter (same envoy.yaml, same policy)."""
     policy = Envoy.point_jwks(shipped_policy(), jwks_port)
     policy["verified_token_cache_size"] = TOKENS if cache else 0
     # Plaintext on every side, as the native reference config is: the
@@ -383,6 +399,7 @@ def phi_guard_side(
         tls=False,
         clusters=clusters,
         concurrency=concurrency,
+        build=build,
     )
     config = envoy.config
     hcm = _hcm(config)
@@ -393,7 +410,8 @@ def phi_guard_side(
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [
         {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
     ]
-    stats = {"hit": "wasmcustom.phi_guard.token_cache.hit", "miss": "wasmcustom.phi_guard.token_cache.miss"}
+    prefix = STATS_PREFIX[build] + "phi_guard.token_cache."
+    stats = {"hit": f"{prefix}hit", "miss": f"{prefix}miss"}
     cpus = ENVOY_CPU if concurrency == 1 else BOTH_CPUS
     return Side(name, envoy, config, stats if cache else None, log_path, cpus)
 
@@ -617,11 +635,12 @@ def main() -> int:
             for alg in ALGS:
                 sides[f"native-{alg}"] = native_side(f"native-{alg}", work, jwks_file)
             sides["native-cold"] = native_side("native-cold", work, jwks_file, cache=False)
-            for alg in ALGS:
-                sides[f"phi-guard-{alg}"] = phi_guard_side(f"phi-guard-{alg}", work, jwks_server.port, cache=True)
-            sides["phi-guard-cold"] = phi_guard_side(
-                "phi-guard-cold", work, jwks_server.port, cache=False, algorithms=list(COLD_ALGS)
-            )
+            for who, build in BUILDS_MEASURED.items():
+                for alg in ALGS:
+                    sides[f"{who}-{alg}"] = phi_guard_side(f"{who}-{alg}", work, jwks_server.port, cache=True, build=build)
+                sides[f"{who}-cold"] = phi_guard_side(
+                    f"{who}-cold", work, jwks_server.port, cache=False, algorithms=list(COLD_ALGS), build=build
+                )
             sides["phi-guard-revocation"] = phi_guard_side(
                 "phi-guard-revocation", work, jwks_server.port, cache=True, revocation_port=list_server.port
             )
@@ -629,9 +648,10 @@ def main() -> int:
             sides["eq-noauth"] = native_side("eq-noauth", work, jwks_file, auth=False, equal=True)
             for alg in ALGS:
                 sides[f"eq-native-{alg}"] = native_side(f"eq-native-{alg}", work, jwks_file, equal=True)
-                sides[f"eq-phi-guard-{alg}"] = phi_guard_side(
-                    f"eq-phi-guard-{alg}", work, jwks_server.port, cache=True, equal=True
-                )
+                for who, build in BUILDS_MEASURED.items():
+                    sides[f"eq-{who}-{alg}"] = phi_guard_side(
+                        f"eq-{who}-{alg}", work, jwks_server.port, cache=True, equal=True, build=build
+                    )
             # Two workers (equal features, RS256).
             sides["x2-native"] = native_side("x2-native", work, jwks_file, equal=True, concurrency=2)
             sides["x2-phi-guard"] = phi_guard_side(
@@ -668,34 +688,38 @@ def main() -> int:
 
                 # Fill each cache with its algorithm's 10,000 tokens; the
                 # RS256 ones, fresh and then full, give the memory figures.
-                memory = ("native-RS256", "phi-guard-RS256", "eq-native-RS256", "eq-phi-guard-RS256")
+                memory = tuple(f"{config}{who}-RS256" for config in ("", "eq-") for who in ("native", *BUILDS_MEASURED))
                 rss_fresh = {n: rss_kib(sides[n].proc.pid) for n in memory}
                 for alg in ALGS:
-                    for who in ("native", "phi-guard", "eq-native", "eq-phi-guard"):
+                    for who in (f"{c}{w}" for c in ("", "eq-") for w in ("native", *BUILDS_MEASURED)):
                         log(f"sending {TOKENS:,} {alg} tokens to {who}-{alg} ...")
                         warm(sides[f"{who}-{alg}"], files[("10k", alg)], lua, f"{who}-{alg}")
                 time.sleep(0.5)
                 rss_cached = {n: rss_kib(sides[n].proc.pid) for n in memory}
                 # Every other side serves for a moment first (first-use costs, buffers).
-                for name in ("noauth", "eq-noauth", "native-cold", "phi-guard-cold"):
+                for name in ("noauth", "eq-noauth", "native-cold", "phi-guard-cold", "module-cold"):
                     for alg in COLD_ALGS if name.endswith("cold") else ALGS:
                         load(sides[name], 1, files[("cold", alg)], lua, f"warm-up {name}")
                 for name in ("x2-native", "x2-phi-guard"):
                     load(sides[name], 1, files[("repeated", "RS256")], lua, f"warm-up {name}", threads=2, cpus=BOTH_CPUS)
 
-                plan: list[tuple[str, str, str, str]] = [("plain", "-", "-", "noauth"), ("equal", "-", "-", "noauth")]
+                # Groups of runs that are compared, run back to back; every
+                # other round runs each group in reverse order.
+                plan: list[list[tuple[str, str, str, str]]] = [[("plain", "-", "-", "noauth")], [("equal", "-", "-", "noauth")]]
                 for config, workloads in (("equal", EQUAL_WORKLOADS), ("plain", PLAIN_WORKLOADS)):
                     for workload in workloads:
                         for alg in COLD_ALGS if workload == "cold" else ALGS:
-                            plan += [(config, workload, alg, "native"), (config, workload, alg, "phi-guard")]
+                            plan.append([(config, workload, alg, who) for who in ("native", *BUILDS_MEASURED)])
                 # Scaling: the same token, two workers against the one-worker sides.
-                plan += [("x2", "repeated", "RS256", "native"), ("x2", "repeated", "RS256", "phi-guard")]
+                plan.append([("x2", "repeated", "RS256", "native"), ("x2", "repeated", "RS256", "phi-guard")])
                 # The revocation check's cost on a cached request: the same
                 # token with and without a REVOKED-entry list, back to back.
-                plan += [("plain", "repeated", "RS256", "phi-guard-base"), ("plain", "repeated", "RS256", "phi-guard-revocation")]
+                plan.append([("plain", "repeated", "RS256", "phi-guard-base"), ("plain", "repeated", "RS256", "phi-guard-revocation")])
+                runs = sum(len(g) for g in plan)
                 for r in range(rounds):
-                    log(f"round {r + 1}/{rounds}: {len(plan)} runs of {seconds:g}s ...")
-                    for config, workload, alg, who in plan if r % 2 == 0 else _swap_pairs(plan):
+                    log(f"round {r + 1}/{rounds}: {runs} runs of {seconds:g}s ...")
+                    order = [run for g in plan for run in (g if r % 2 == 0 else reversed(g))]
+                    for config, workload, alg, who in order:
                         side = side_for(config, workload, alg, who)
                         file = files[("repeated", "RS256")] if who == "noauth" else files[(workload, alg)]
                         what = f"{config} {workload} {alg} {side.name}"
@@ -775,26 +799,19 @@ def report_memory(rss_fresh, rss_cached, token_cache_bytes) -> None:
             f" ({cached - fresh:+.1f})"
         )
     for config, prefix in (("plain", ""), ("equal", "eq-")):
-        native = rss_cached[f"{prefix}native-RS256"] - rss_fresh[f"{prefix}native-RS256"]
-        phi = rss_cached[f"{prefix}phi-guard-RS256"] - rss_fresh[f"{prefix}phi-guard-RS256"]
-        total_native, total_phi = rss_cached[f"{prefix}native-RS256"], rss_cached[f"{prefix}phi-guard-RS256"]
-        log(
-            f"  {config}: with 10,000 tokens cached phi-guard's Envoy holds {total_phi / 1024:.1f} MiB, native's"
-            f" {total_native / 1024:.1f} MiB (target <= native's: {'PASS' if total_phi <= total_native else 'BELOW'});"
-            f" the cache itself adds {phi / 1024:.1f} MiB and {native / 1024:.1f} MiB"
-        )
+        for who in BUILDS_MEASURED:
+            native = rss_cached[f"{prefix}native-RS256"] - rss_fresh[f"{prefix}native-RS256"]
+            phi = rss_cached[f"{prefix}{who}-RS256"] - rss_fresh[f"{prefix}{who}-RS256"]
+            total_native, total_phi = rss_cached[f"{prefix}native-RS256"], rss_cached[f"{prefix}{who}-RS256"]
+            log(
+                f"  {config}: with 10,000 tokens cached {who}'s Envoy holds {total_phi / 1024:.1f} MiB, native's"
+                f" {total_native / 1024:.1f} MiB (target <= native's: {'PASS' if total_phi <= total_native else 'BELOW'});"
+                f" the cache itself adds {phi / 1024:.1f} MiB and {native / 1024:.1f} MiB"
+            )
     if token_cache_bytes:
         estimate = int(token_cache_bytes.group(1)) / 1024 / 1024
         log(f"phi-guard-RS256's own estimate (phi_guard.token_cache.bytes) at the end: {estimate:.1f} MiB")
-    log(f".wasm size: {WASM.stat().st_size / 1024:.0f} KiB")
-
-
-def _swap_pairs(plan):
-    """The same plan with phi-guard before native in every pair."""
-    out = list(plan)
-    for i in range(2, len(out) - 1, 2):
-        out[i], out[i + 1] = out[i + 1], out[i]
-    return out
+    log(f".wasm size: {WASM.stat().st_size / 1024:.0f} KiB; module .so size: {NATIVE.stat().st_size / 1024:.0f} KiB")
 
 
 def _median(runs: list[Result]) -> Result:
@@ -856,6 +873,33 @@ def report(results, hits, rounds, seconds, quick) -> None:
                 log(
                     f"{workload:9} {alg:5} | {fmt(noauth)} | {fmt(n)} {nh:>4} | {fmt(p)} {ph:>4} |"
                     f" {ratio:5.2f}x {spread:<19} | {p99:10.2f}x | {mark}"
+                )
+        # The dynamic module: the same core, policy and envoy.yaml, no VM.
+        log("")
+        log(f"  the dynamic module (`make native`) on the same {config} configuration:")
+        mhead = f"{'workload':9} {'alg':5} | {'module':^22} {'hit':>4} | {'module/native req/s (rounds)':^29} |"
+        mhead += f" {'p99 mod/nat':>11} | {'module/wasm':>11} | target"
+        log(mhead)
+        log("-" * len(mhead))
+        for workload in workloads:
+            for alg in COLD_ALGS if workload == "cold" else ALGS:
+                native_runs, phi_runs, mod_runs = (
+                    results[(config, workload, alg, who)] for who in ("native", "phi-guard", "module")
+                )
+                n, p, m = _median(native_runs), _median(phi_runs), _median(mod_runs)
+                mh = "off" if workload == "cold" else _rate(hits.get((config, workload, alg, "module")))
+                ratio = m.rps / n.rps
+                per_round = [b.rps / a.rps for a, b in zip(native_runs, mod_runs)]
+                spread = f"({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
+                p99 = statistics.median([b.p99 / a.p99 for a, b in zip(native_runs, mod_runs)])
+                if workload == "paced":
+                    mark = f"p99 <= {P99_TARGET:.1f}x {'PASS' if p99 <= P99_TARGET else 'BELOW'}"
+                else:
+                    target = MODULE_TARGETS.get((config, workload, alg))
+                    mark = "reported" if target is None else f">= {target:.2f}x {'PASS' if ratio >= target else 'BELOW'}"
+                log(
+                    f"{workload:9} {alg:5} | {fmt(m)} {mh:>4} | {ratio:5.2f}x {spread:<22} | {p99:10.2f}x |"
+                    f" {m.rps / p.rps:10.2f}x | {mark}"
                 )
     log("")
     log("(latencies in ms; 'no auth' is one measurement per round, shown on every row; 'hit' = the side's")
