@@ -50,7 +50,7 @@ unit:
 	$(CARGO) test --all-targets
 
 e2e: wasm native venv
-	$(VPY) -m pytest -q -p no:cacheprovider tests/e2e
+	$(VPY) -m pytest -q -p no:cacheprovider --durations=15 tests/e2e
 
 # phi-guard against a real OpenID provider on loopback (needs Node.js 20 and npm).
 interop: wasm venv interop-deps
