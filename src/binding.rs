@@ -79,6 +79,25 @@ pub struct ProofRules<'a> {
     pub first_use: &'a dyn Fn(&[u8; 32], i64) -> bool,
 }
 
+/// A DPoP proof's first use, once per request: `accepted` holds the proof
+/// this request already had accepted, so deciding the same request again
+/// (after a wait, or with its body) is not a replay; `record` asks the
+/// shared replay store for any other proof.
+pub fn first_use_once(
+    accepted: &std::cell::Cell<Option<[u8; 32]>>,
+    digest: &[u8; 32],
+    record: impl FnOnce() -> bool,
+) -> bool {
+    if accepted.get().as_ref() == Some(digest) {
+        return true;
+    }
+    let first = record();
+    if first {
+        accepted.set(Some(*digest));
+    }
+    first
+}
+
 /// Checks that `presented` proves possession of what `cnf` binds the token
 /// to; a bearer token (no binding) passes unless the rule demands one.
 pub fn check(
@@ -635,5 +654,19 @@ mod tests {
             ),
             Err(Reason::SenderConstraintRequired)
         );
+    }
+
+    #[test]
+    fn a_proof_is_first_used_once_per_request_not_once_per_decision() {
+        let mine = std::cell::Cell::new(None);
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert!(first_use_once(&mine, &a, || true));
+        // The same request decided again: the store is not asked.
+        assert!(first_use_once(&mine, &a, || panic!("asked again")));
+        // Another proof, seen before by the store: a replay.
+        assert!(!first_use_once(&mine, &b, || false));
+        assert_eq!(mine.get(), Some(a));
+        // A fresh request with a proof the store has seen: a replay.
+        assert!(!first_use_once(&std::cell::Cell::new(None), &a, || false));
     }
 }

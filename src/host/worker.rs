@@ -11,6 +11,7 @@ use std::rc::{Rc, Weak};
 
 use crate::answer::Reason;
 use crate::audit::{AuditChain, CheckpointSchedule};
+use crate::binding;
 use crate::config::{FetchSource, Policy};
 use crate::decision::{self, Facts, Request, Revocations, State, Trace, Verdict, WaitFor};
 use crate::fetch::Freshness;
@@ -197,14 +198,9 @@ impl Worker {
                 .and_then(|b| String::from_utf8(b).ok())
         };
         let first_use = |digest: &[u8; 32], until: i64| {
-            if dpop_accepted.get().as_ref() == Some(digest) {
-                return true;
-            }
-            let first = replay::first_use(digest, until, now_i);
-            if first {
-                dpop_accepted.set(Some(*digest));
-            }
-            first
+            binding::first_use_once(dpop_accepted, digest, || {
+                replay::first_use(digest, until, now_i)
+            })
         };
         let facts = Facts {
             keys: &key_set,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::answer::{self, Reason};
 use crate::audit::{self, AuditRecord};
-use crate::binding::Binding;
+use crate::binding::{self, Binding};
 use crate::decision::{self, Facts, Request, Revocations, State, Trace, Verdict, WaitFor};
 use crate::fetch::Freshness;
 use crate::fhir::Body;
@@ -253,14 +253,9 @@ impl Filter {
         // Read only for a certificate-bound token.
         let peer_cert = || stream.peer_certificate_sha256();
         let first_use = |digest: &[u8; 32], until: i64| {
-            if self.dpop_accepted.get().as_ref() == Some(digest) {
-                return true;
-            }
-            let first = replay::first_use(digest, until, now_s);
-            if first {
-                self.dpop_accepted.set(Some(*digest));
-            }
-            first
+            binding::first_use_once(&self.dpop_accepted, digest, || {
+                replay::first_use(digest, until, now_s)
+            })
         };
         let facts = Facts {
             keys: &key_set,
