@@ -7,7 +7,8 @@
 //! across VMs),
 //! checks the body through the worker, and publishes it under
 //! `phi_guard.doc.<doc>` as `<version>\n<body>`, then the version alone
-//! under `phi_guard.ver.<doc>`; a version is `<fetched_at ms>:<sha-256 prefix>`. Every VM
+//! under `phi_guard.ver.<doc>`; a version is `<fetched_at ms>:<sha-256 prefix>`,
+//! the time its fetch started. Every VM
 //! reads the version on its timer, and the document only when its content
 //! changed: a large list is copied and parsed once per change, not once per
 //! tick or per refresh.
@@ -18,7 +19,7 @@ use proxy_wasm::types::{BufferType, MapType};
 use sha2::{Digest, Sha256};
 
 use crate::config::FetchSource;
-use crate::fetch::CacheClock;
+use crate::fetch::{CacheClock, WaitEnds};
 
 use super::abi;
 
@@ -49,6 +50,7 @@ pub struct Document {
 pub struct Arrival {
     pub doc: usize,
     pub body: Vec<u8>,
+    /// When the fetch that brought it started (ms).
     pub fetched_at: u64,
     /// Its content hash.
     hash: String,
@@ -79,8 +81,8 @@ pub enum Response {
 /// Every document of this VM, and its callouts.
 pub struct Fetcher {
     pub docs: Vec<Document>,
-    /// Callout token -> document.
-    callouts: Vec<(u32, usize)>,
+    /// Callout token -> document, and when its fetch started (ms).
+    callouts: Vec<(u32, usize, u64)>,
     /// Callouts are dispatched only from the root context's own callbacks:
     /// Envoy cancels a context's callouts when it ends, and the SDK hands a
     /// response to the context that was running at dispatch, or drops it if
@@ -153,29 +155,38 @@ impl Fetcher {
         }
     }
 
-    /// Makes sure `doc` is on its way; `false` when no fetch may be had (the
-    /// on-demand rate limit), so the request is decided now. A fetch the
-    /// root then cannot start decides its waiters on that tick.
-    pub fn want(&mut self, doc: usize, src: &FetchSource, on_demand: bool, now_ms: u64) -> bool {
-        let now = now_ms;
-        let Some(d) = self.docs.get_mut(doc) else {
-            return false;
-        };
-        if on_demand && !d.clock.kid_refetch_allowed(src, now) {
-            return false;
+    /// Makes sure `doc` is on its way; what ends the request's wait, or
+    /// `None` when it may not wait (the on-demand rate limit), so it is
+    /// decided now. A fetch the root then cannot start decides its waiters
+    /// on that tick.
+    pub fn want(
+        &mut self,
+        doc: usize,
+        src: &FetchSource,
+        on_demand: bool,
+        now_ms: u64,
+    ) -> Option<WaitEnds> {
+        let d = self.docs.get_mut(doc)?;
+        let wish = d.clock.want(src, now_ms, on_demand)?;
+        if let Some(on_demand) = wish.fetch {
+            // Asked for from a request's context: the root dispatches it (see
+            // `root_context_id`) on a tick brought forward to now, or after
+            // the fetch under way.
+            d.wanted = Some(d.wanted == Some(true) || on_demand);
+            self.kick();
         }
-        if d.clock.in_flight {
-            if on_demand {
-                // The running fetch counts as this refetch.
-                d.clock.last_kid_refetch = Some(now);
-            }
-            return true;
-        }
-        // Asked for from a request's context: the root dispatches it (see
-        // `root_context_id`) on a tick brought forward to now.
-        d.wanted = Some(d.wanted == Some(true) || on_demand);
-        self.kick();
-        true
+        Some(wish.ends)
+    }
+
+    /// Whether a fetch asked for has yet to start: the root's timer keeps
+    /// running at [`KICK`] until it has.
+    pub fn wants_pending(&self) -> bool {
+        self.docs.iter().any(|d| d.wanted.is_some())
+    }
+
+    /// Whether a wait on `doc` that `ends` so has its answer.
+    pub fn answers(&self, doc: usize, ends: WaitEnds) -> bool {
+        self.docs.get(doc).is_none_or(|d| d.clock.answers(ends))
     }
 
     /// Brings the root's next tick forward to now, where the callouts
@@ -200,8 +211,13 @@ impl Fetcher {
         let (held_until, attempted) = lease.as_deref().map_or((0, None), read_lease);
         if held_until > now_ms && !d.clock.in_flight {
             // Another VM is fetching; its result arrives through shared data.
-            if on_demand {
-                d.clock.last_kid_refetch = Some(now_ms);
+            // For an unknown kid, only if that fetch started after it was
+            // asked for; else this VM fetches once the lease is given up.
+            let serves = attempted
+                .is_some_and(|at| d.clock.last_kid_refetch.is_none_or(|asked| at >= asked));
+            if on_demand && !serves {
+                d.wanted = Some(true);
+                return true;
             }
             if let Some(at) = attempted {
                 d.clock.last_attempt = Some(at);
@@ -243,11 +259,11 @@ impl Fetcher {
         let timeout = Duration::from_millis(src.timeout_ms);
         // Only root callbacks get here (see `root_context_id`); made sure of anyway.
         let _ = abi::set_effective_context(self.root_context_id);
-        d.clock.started(now_ms, on_demand);
+        d.clock.started(now_ms);
         match abi::dispatch_http_call(&src.cluster, headers, None, timeout) {
             Ok(token) => {
                 d.in_flight_until_ms = now_ms.saturating_add(lease_ms);
-                self.callouts.push((token, doc));
+                self.callouts.push((token, doc, now_ms));
                 true
             }
             Err(status) => {
@@ -265,11 +281,11 @@ impl Fetcher {
     }
 
     /// Reads the response to callout `token`.
-    pub fn on_response(&mut self, token: u32, body_size: usize, now_ms: u64) -> Response {
-        let Some(at) = self.callouts.iter().position(|(t, _)| *t == token) else {
+    pub fn on_response(&mut self, token: u32, body_size: usize) -> Response {
+        let Some(at) = self.callouts.iter().position(|(t, _, _)| *t == token) else {
             return Response::Unknown;
         };
-        let (_, doc) = self.callouts.swap_remove(at);
+        let (_, doc, started) = self.callouts.swap_remove(at);
         let Some(d) = self.docs.get(doc) else {
             return Response::Unknown;
         };
@@ -278,7 +294,7 @@ impl Fetcher {
                 doc,
                 hash: content_hash(&body),
                 body,
-                fetched_at: now_ms,
+                fetched_at: started,
                 from_peer: false,
             }),
             Err(why) => {
@@ -395,7 +411,12 @@ impl Fetcher {
         let now = now_ms;
         let mut ready = Vec::new();
         for i in 0..self.docs.len() {
-            let wanted = self.docs.get_mut(i).and_then(|d| d.wanted.take());
+            // One fetch at a time: one asked for while another runs follows it.
+            let wanted = self
+                .docs
+                .get_mut(i)
+                .filter(|d| !d.clock.in_flight)
+                .and_then(|d| d.wanted.take());
             if let (Some(on_demand), Some(s)) = (wanted, src(i)) {
                 if !self.start(i, s, now_ms, on_demand) {
                     ready.push(i);
@@ -409,7 +430,7 @@ impl Fetcher {
             };
             if d.clock.in_flight && now_ms > d.in_flight_until_ms {
                 d.clock.finished(None);
-                self.callouts.retain(|(_, doc)| *doc != i);
+                self.callouts.retain(|(_, doc, _)| *doc != i);
                 ready.push(i);
             }
             if d.clock.fetch_due(s, now) {

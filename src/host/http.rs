@@ -324,12 +324,13 @@ fn decide_or_park(
             }
             let auth: Vec<&str> = p.authorization.iter().map(String::as_str).collect();
             let bearer = token::extract_bearer(&auth).ok().flatten();
-            if w.want(wait, bearer, now) {
+            if let Some(ends) = w.want(wait, bearer, now) {
                 p.waited_on.push(on);
                 let deadline = now.saturating_add(w.timeout_ms(on)).saturating_add(100);
                 w.waiters.push(Waiter {
                     context_id,
                     on,
+                    ends,
                     deadline_ms: deadline,
                     pending: Rc::downgrade(pending),
                 });

@@ -223,7 +223,8 @@ impl RootContext for Root {
         self.wake(&worker, &ready, expired, now);
         let mut w = worker.borrow_mut();
         w.checkpoint(now, false);
-        if w.fetcher.kicked {
+        // A fetch asked for may wait for another VM's lease: keep looking.
+        if w.fetcher.kicked && !w.fetcher.wants_pending() {
             w.fetcher.kicked = false;
             let _ = abi::set_tick_period(TICK);
         }

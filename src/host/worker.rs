@@ -14,7 +14,7 @@ use crate::audit::{AuditChain, CheckpointSchedule};
 use crate::binding;
 use crate::config::{FetchSource, Policy};
 use crate::decision::{self, Facts, Request, Revocations, State, Trace, Verdict, WaitFor};
-use crate::fetch::Freshness;
+use crate::fetch::{Freshness, WaitEnds};
 use crate::introspection::{self, Introspection, TokenKey};
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::revocation::{RevocationList, MAX_REVOCATION_BYTES};
@@ -39,6 +39,8 @@ pub enum Awaited {
 pub struct Waiter {
     pub context_id: u32,
     pub on: Awaited,
+    /// For a document: what ends the wait besides the deadline.
+    pub ends: WaitEnds,
     pub deadline_ms: u64,
     pub pending: Weak<RefCell<Pending>>,
 }
@@ -262,25 +264,23 @@ impl Worker {
         }
     }
 
-    /// Makes sure what `wait` needs is on its way; `false` when it cannot
-    /// be had (the unknown-kid rate limit, too many queries), so the request
-    /// is decided now. `bearer` is the request's token, which an
-    /// introspection query sends.
-    pub fn want(&mut self, wait: WaitFor, bearer: Option<&str>, now_ms: u64) -> bool {
+    /// Makes sure what `wait` needs is on its way, and says what ends the
+    /// wait; `None` when it cannot be had (the unknown-kid rate limit, too
+    /// many queries), so the request is decided now. `bearer` is the
+    /// request's token, which an introspection query sends.
+    pub fn want(&mut self, wait: WaitFor, bearer: Option<&str>, now_ms: u64) -> Option<WaitEnds> {
         if let WaitFor::Introspection { provider, key } = wait {
             let asked = bearer.is_some_and(|token| self.introspector.want(provider, key, token));
             if asked {
                 // Dispatched by the root (see `Introspector`), on a tick brought forward.
                 self.fetcher.kick();
             }
-            return asked;
+            return asked.then_some(WaitEnds::NextNews);
         }
         let Some(Awaited::Doc(doc)) = self.awaited(wait) else {
-            return false;
+            return None;
         };
-        let Some(src) = Self::source(&self.policy, doc) else {
-            return false;
-        };
+        let src = Self::source(&self.policy, doc)?;
         let on_demand = matches!(
             wait,
             WaitFor::Keys {
@@ -322,10 +322,14 @@ impl Worker {
         Ok(())
     }
 
-    /// Picks up a newer copy of `doc` another VM published; whether one arrived.
+    /// Picks up a newer copy of `doc` another VM published; whether one
+    /// arrived (the same content fetched later counts: it answers a wait
+    /// for a fetch started after a key was asked for).
     pub fn sync_peer(&mut self, doc: usize) -> bool {
+        let before = self.fetcher.docs.get(doc).and_then(|d| d.clock.fetched_at);
         let Some(a) = self.fetcher.peer_copy(doc) else {
-            return false;
+            let after = self.fetcher.docs.get(doc).and_then(|d| d.clock.fetched_at);
+            return after != before;
         };
         let name = self.doc_name(doc);
         match self.take(a) {
@@ -412,13 +416,13 @@ impl Worker {
         if let Some(answered) = self.introspector.on_response(token, body_size) {
             return Some(self.settle(answered, now_ms));
         }
-        let doc = self.on_document(token, body_size, now_ms)?;
+        let doc = self.on_document(token, body_size)?;
         Some(Awaited::Doc(doc))
     }
 
     /// A document's callout answered: take it. Returns the document.
-    fn on_document(&mut self, token: u32, body_size: usize, now_ms: u64) -> Option<usize> {
-        match self.fetcher.on_response(token, body_size, now_ms) {
+    fn on_document(&mut self, token: u32, body_size: usize) -> Option<usize> {
+        match self.fetcher.on_response(token, body_size) {
             Response::Unknown => None,
             Response::Failed { doc, why } => {
                 log::error!(
@@ -547,9 +551,14 @@ impl Worker {
 
     /// Takes the waiters of `on` out of the list.
     pub fn take_waiters(&mut self, on: Awaited) -> Vec<Waiter> {
+        let fetcher = &self.fetcher;
+        let answered = |w: &Waiter| match w.on {
+            Awaited::Doc(doc) => fetcher.answers(doc, w.ends),
+            Awaited::Introspection { .. } => true,
+        };
         let (mine, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
             .into_iter()
-            .partition(|w| w.on == on);
+            .partition(|w| w.on == on && answered(w));
         self.waiters = rest;
         mine
     }

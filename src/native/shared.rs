@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{AuditChain, CheckpointSchedule};
 use crate::config::{FetchSource, Policy};
-use crate::fetch::{CacheClock, Freshness};
+use crate::fetch::{CacheClock, Freshness, WaitEnds};
 use crate::jwks::{KeySet, MAX_JWKS_BYTES};
 use crate::revocation::{RevocationList, MAX_REVOCATION_BYTES};
 
@@ -63,15 +63,20 @@ struct Doc {
     clock: CacheClock,
     /// Content hash of what is held: the same body again only ages it.
     hash: Option<[u8; 32]>,
-    /// A request asked for a fetch (`true`: on demand, an unknown `kid`).
-    wanted: Option<bool>,
+    /// A request asked for a fetch (started on the next tick, or after
+    /// the one under way).
+    wanted: bool,
     /// The callout under way, and when it is given up on.
     callout: Option<(u64, u64)>,
+    /// When the callout under way started (ms).
+    started_ms: u64,
 }
 
 /// A paused request waiting for a document.
 struct Waiter {
     doc: usize,
+    /// What ends the wait besides the deadline.
+    ends: WaitEnds,
     deadline_ms: u64,
     wake: Arc<Scheduler>,
 }
@@ -296,19 +301,13 @@ impl Shared {
             let Some(d) = docs.docs.get_mut(doc) else {
                 return Want::Refused;
             };
-            if on_demand && !d.clock.kid_refetch_allowed(src, now) {
+            let Some(wish) = d.clock.want(src, now, on_demand) else {
                 return Want::Refused;
-            }
-            if d.clock.in_flight {
-                if on_demand {
-                    // The running fetch counts as this refetch.
-                    d.clock.last_kid_refetch = Some(now);
-                }
-            } else {
-                d.wanted = Some(d.wanted == Some(true) || on_demand);
-            }
+            };
+            d.wanted |= wish.fetch.is_some();
             docs.waiters.push(Waiter {
                 doc,
+                ends: wish.ends,
                 deadline_ms,
                 wake: Arc::clone(wake),
             });
@@ -333,12 +332,11 @@ impl Shared {
                 let Some(d) = docs.docs.get_mut(i) else {
                     continue;
                 };
-                if let Some(on_demand) = d.wanted.take() {
-                    if !d.clock.in_flight {
-                        changed = true;
-                        if !d.start(i, src, &config, now, on_demand) {
-                            ready.push(i);
-                        }
+                // One fetch at a time: one asked for while another runs follows it.
+                if !d.clock.in_flight && std::mem::take(&mut d.wanted) {
+                    changed = true;
+                    if !d.start(i, src, &config, now) {
+                        ready.push(i);
                     }
                 }
                 if let Some((_, until)) = d.callout {
@@ -352,12 +350,17 @@ impl Shared {
                 }
                 if d.clock.fetch_due(src, now) {
                     changed = true;
-                    d.start(i, src, &config, now, false);
+                    d.start(i, src, &config, now);
                 }
             }
             let mut expired = Vec::new();
-            docs.waiters.retain(|w| {
-                let due = w.deadline_ms <= now || ready.contains(&w.doc);
+            let Docs {
+                docs: all, waiters, ..
+            } = &mut *docs;
+            waiters.retain(|w| {
+                let answered = ready.contains(&w.doc)
+                    && all.get(w.doc).is_none_or(|d| d.clock.answers(w.ends));
+                let due = w.deadline_ms <= now || answered;
                 if due {
                     expired.push(Arc::clone(&w.wake));
                 }
@@ -408,10 +411,12 @@ impl Shared {
         } else {
             (self.metrics.jwks_fetch_ok, self.metrics.jwks_fetch_failed)
         };
+        let mut follow_up = false;
         if let Some(d) = docs.docs.get_mut(i) {
             d.callout = None;
+            follow_up = d.wanted;
             match &taken {
-                Ok(()) => d.clock.finished(Some(now)),
+                Ok(()) => d.clock.finished(Some(d.started_ms)),
                 Err(why) => {
                     log::error!("{}: refused, keeping what was held: {why}", d.name);
                     d.clock.finished(None);
@@ -420,10 +425,15 @@ impl Shared {
         }
         metrics::bump_main(&config, if taken.is_ok() { good } else { bad });
         self.publish(&docs);
-        // Every request waiting for it is decided again, on its own worker.
+        // Every request waiting for it is decided again, on its own worker
+        // (for an unknown kid, only once a fetch started after it ended).
         let mut woken = Vec::new();
-        docs.waiters.retain(|w| {
-            if w.doc == i {
+        let Docs {
+            docs: all, waiters, ..
+        } = &mut *docs;
+        let clock = all.get(i).map(|d| &d.clock);
+        waiters.retain(|w| {
+            if w.doc == i && clock.is_none_or(|c| c.answers(w.ends)) {
                 woken.push(Arc::clone(&w.wake));
                 false
             } else {
@@ -433,6 +443,12 @@ impl Shared {
         drop(docs);
         for wake in woken {
             wake.commit(0);
+        }
+        if follow_up {
+            // A refetch asked for while this fetch ran starts now.
+            if let Some(tick) = lock(&self.tick).as_ref() {
+                tick.commit(1);
+            }
         }
     }
 
@@ -560,27 +576,22 @@ impl Doc {
             max_bytes,
             clock: CacheClock::default(),
             hash: None,
-            wanted: None,
+            wanted: false,
+            started_ms: 0,
             callout: None,
         }
     }
 
     /// Starts a fetch (main thread); `false` if Envoy refused the callout.
-    fn start(
-        &mut self,
-        _i: usize,
-        src: &FetchSource,
-        config: &Config,
-        now: u64,
-        on_demand: bool,
-    ) -> bool {
+    fn start(&mut self, _i: usize, src: &FetchSource, config: &Config, now: u64) -> bool {
         let headers = [
             (":method", "GET"),
             (":path", src.path.as_str()),
             (":authority", src.authority.as_str()),
             ("accept", "application/json"),
         ];
-        self.clock.started(now, on_demand);
+        self.clock.started(now);
+        self.started_ms = now;
         match config.callout(&src.cluster, &headers, b"", src.timeout_ms) {
             Ok(id) => {
                 let until = now.saturating_add(src.timeout_ms).saturating_add(500);

@@ -377,6 +377,12 @@ def client_tls(
 # --------------------------------------------------------------------------
 
 
+class _Listener(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 drops connections a burst of
+    # requests opens at once (Envoy then answers 503 "reset reason: connect").
+    request_queue_size = 128
+
+
 class _Server:
     """A threaded loopback HTTP server that can be stopped and restarted on its port.
 
@@ -395,7 +401,7 @@ class _Server:
     def start(self) -> None:
         if self._httpd is not None:
             return
-        httpd = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler_cls)
+        httpd = _Listener(("127.0.0.1", self.port), self._handler_cls)
         httpd.daemon_threads = True
         httpd.owner = self  # handlers reach their server's state through this
         self.port = httpd.server_address[1]
@@ -526,11 +532,14 @@ class JwksServer(_HoldingServer):
 
     # -- holding answers: a fetch stays "in flight" until the test says ------
 
-    def hold(self) -> None:
-        """Requests that arrive from now on wait, unanswered, until `release()`."""
+    def hold(self, as_arrived: bool = False) -> None:
+        """Requests that arrive from now on wait, unanswered, until `release()`.
+        `as_arrived`: they are answered with the document as it was when they
+        arrived (an IdP that read its keys, then was slow to send them)."""
         gate = self._gate()
         with gate:
             self._gate_closed = True
+            self._gate_as_arrived = as_arrived
 
     def release(self) -> None:
         """Lets every held request through, answered with what is set by then."""
@@ -564,22 +573,27 @@ class JwksServer(_HoldingServer):
             if getattr(self, "_gate_cond", None) is None:
                 self._gate_cond = threading.Condition()
                 self._gate_closed = False
+                self._gate_as_arrived = False
                 self._gate_waiting = 0
                 self._arrivals: list[float] = []
             return self._gate_cond
 
-    def _arrived(self) -> None:
-        """A request came in: note when, and wait here while held."""
+    def _arrived(self) -> bytes | None:
+        """A request came in: note when, and wait here while held. Returns the
+        body to answer with when it was held `as_arrived`."""
         gate = self._gate()
         with gate:
             self._arrivals.append(time.monotonic())
             if not self._gate_closed:
-                return
+                return None
+            with self.lock:
+                body = self.body if self._gate_as_arrived else None
             self._gate_waiting += 1
             gate.notify_all()
             # Bounded: an answer a failed test left held still goes out.
             gate.wait_for(lambda: not self._gate_closed, timeout=120)
             self._gate_waiting -= 1
+            return body
 
 
 @dataclass
@@ -681,8 +695,15 @@ class _HoldingJwksHandler(_JwksHandler):
     """Notes the arrival and waits while the server is held (JwksServer.hold), then answers as usual."""
 
     def do_GET(self):
-        self.server.owner._arrived()
-        super().do_GET()
+        body = self.server.owner._arrived()
+        if body is None:
+            super().do_GET()
+            return
+        owner: JwksServer = self.server.owner
+        with owner.lock:
+            owner.hits += 1
+            owner.paths.append(self.path)
+        self._answer(200, body, "application/json")
 
 
 class MisbehavingJwks:

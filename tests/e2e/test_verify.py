@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -321,6 +322,40 @@ def test_refetch_lands_when_the_request_that_started_it_is_gone(envoy_factory, p
     assert jwks_server.hits == hits + 1
     assert envoy.get(PATH, token=mint(new)).status == 200
     assert jwks_server.hits == hits + 1, "the fetched keys were not used"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_key_added_while_a_refresh_is_answering_is_fetched_for_its_first_tokens(
+    envoy_factory, policy, jwks_server, upstream, keys, workers
+):
+    # Found by the soak: a scheduled refresh read the IdP's keys just before a
+    # key was added, and the first tokens signed with it came while that
+    # refresh was still answering. Its old set must not answer their wait,
+    # and a burst of them must not be refused by the refetch rate limit: a
+    # fetch started after the wait began answers every one. With two workers
+    # the refresh runs in one VM and some tokens reach the other.
+    jwks_settings(policy, cache_seconds=2, retry_seconds=1, min_refetch_seconds=3600, timeout_ms=5000)
+    old, new = keys["ES256"], KeyPair.ec("ES256", kid="added-mid-refresh")
+    jwks_server.set_keys(old)
+    envoy = envoy_factory(policy, concurrency=workers)
+    assert envoy.get(PATH, token=mint(old)).status == 200
+
+    jwks_server.hold(as_arrived=True)  # the next refresh reads the old set, then is slow
+    assert jwks_server.wait_held(1, timeout=15)
+    jwks_server.set_keys(old, new)
+    hits = jwks_server.hits
+    with ThreadPoolExecutor(8) as pool:
+        # Each on a connection of its own, so two workers both get some.
+        answers = [pool.submit(envoy.get, PATH, mint(new)) for _ in range(8)]
+        time.sleep(0.5)  # every one is waiting for keys by now
+        jwks_server.release()
+        responses = [a.result() for a in answers]
+        statuses = [r.status for r in responses]
+    assert statuses == [200] * 8, [(r.status, r.text[:80]) for r in responses]
+    # The old set, then one refetch per worker at most (the lease serialises them).
+    assert 1 <= jwks_server.hits - hits <= 1 + workers, jwks_server.hits - hits
+    records = audits(envoy, 9)
+    assert [r["reason"] for r in records[1:]] == ["ok"] * 8, records
 
 
 @pytest.mark.parametrize("outage", ["connection_refused", "http_503"])
