@@ -11,7 +11,9 @@
 //! the header block Envoy hands over, decide, the identity headers, draft,
 //! seal and write the audit record), one of its parts (`headers`, `decide`,
 //! `forward`, `draft`, `seal`), or `verify-ALG` (one signature check, every
-//! cache off; ALG one of rs256 ps256 es256 es384 eddsa). It prints the
+//! cache off; ALG one of rs256 ps256 es256 es384 eddsa). `cached+revocation`
+//! and `decide+revocation` are the same with a 100,000-entry revocation list
+//! checked, as `make bench` has it (its cost is the difference). It prints the
 //! nanoseconds per iteration; under callgrind, run it with 0 and with N
 //! iterations and divide the difference in instructions by N.
 //!
@@ -32,6 +34,7 @@ use phi_guard::decision::{self, Facts, Request, Revocations, State, Trace, Verdi
 use phi_guard::fhir::Body;
 use phi_guard::jwks::KeySet;
 use phi_guard::pairs;
+use phi_guard::revocation::RevocationList;
 use phi_guard::token;
 
 const NOW: i64 = 1_790_000_000;
@@ -113,10 +116,21 @@ struct World {
     keys: KeySet,
     state: State,
     chain: AuditChain,
+    revocations: Option<RevocationList>,
+}
+
+/// A list of `n` entries, none of them the fixture tokens: half `jti`s,
+/// half subjects, as `make bench` builds it.
+fn revocation_list(n: usize) -> RevocationList {
+    let doc = serde_json::json!({
+        "jti": (0..n / 2).map(|i| format!("revoked-{i}")).collect::<Vec<_>>(),
+        "sub": (0..n - n / 2).map(|i| format!("gone-{i}")).collect::<Vec<_>>(),
+    });
+    RevocationList::parse(doc.to_string().as_bytes()).unwrap()
 }
 
 impl World {
-    fn new(cache: bool) -> World {
+    fn new(cache: bool, revocations: Option<RevocationList>) -> World {
         let policy = policy();
         let algs = policy.providers[0].algorithms.clone();
         let keys = KeySet::parse(JWKS.as_bytes(), &algs).unwrap();
@@ -129,6 +143,7 @@ impl World {
             keys,
             state,
             chain: AuditChain::new("1a228c02866-4".into(), None),
+            revocations,
         }
     }
 
@@ -139,7 +154,10 @@ impl World {
         let first_use = |_: &[u8; 32], _: i64| true;
         let facts = Facts {
             keys: &key_set,
-            revocations: Revocations::Off,
+            revocations: self
+                .revocations
+                .as_ref()
+                .map_or(Revocations::Off, Revocations::Fresh),
             peer_cert: &no_cert,
             dpop_first_use: &first_use,
         };
@@ -205,14 +223,18 @@ fn draft(w: &World, r: &Read, rule: usize, t: &token::VerifiedToken) -> audit::A
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let mode = args.next().unwrap_or_else(|| "cached".into());
+    let arg = args.next().unwrap_or_else(|| "cached".into());
+    let (mode, revocations) = match arg.strip_suffix("+revocation") {
+        Some(mode) => (mode.to_string(), Some(revocation_list(100_000))),
+        None => (arg.clone(), None),
+    };
     let n: u64 = args.next().map_or(10_000, |s| s.parse().unwrap());
     let bearer = match mode.strip_prefix("verify-") {
         Some(alg) => token(alg),
         None => token("rs256"),
     };
     let block = header_block(bearer);
-    let mut w = World::new(!mode.starts_with("verify-"));
+    let mut w = World::new(!mode.starts_with("verify-"), revocations);
     // Warm: the token is cached and every lazy table built.
     let read = read_headers(&w.policy, &block);
     let (rule_at, verified) = allowed(&w.decide(&read));
@@ -266,5 +288,5 @@ fn main() {
     } else {
         took.as_nanos() as f64 / n as f64
     };
-    println!("{mode}: {n} iterations, {per:.0} ns each");
+    println!("{arg}: {n} iterations, {per:.0} ns each");
 }
