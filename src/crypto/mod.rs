@@ -216,39 +216,29 @@ mod differential {
     /// Our verdict and the reference's for one (key seed, message, flip).
     fn both(alg: Alg, seed: [u8; 48], msg: &[u8], flip: Option<usize>) -> (bool, bool) {
         let mut msg = msg.to_vec();
-        let (x, y, mut sig, reference): Signed = match alg {
-            Alg::Es256 => {
-                use p256::ecdsa::signature::{Signer, Verifier};
-                let sk = p256::ecdsa::SigningKey::from_slice(&seed[..32]).unwrap();
+        // The same steps on either curve crate of the 0.13 line.
+        macro_rules! signed {
+            ($curve:ident, $seed:expr) => {{
+                use $curve::ecdsa::signature::{Signer, Verifier};
+                let sk = $curve::ecdsa::SigningKey::from_slice($seed).unwrap();
                 let vk = *sk.verifying_key();
-                let sig: p256::ecdsa::Signature = sk.sign(&msg);
+                let sig: $curve::ecdsa::Signature = sk.sign(&msg);
                 let point = vk.to_encoded_point(false);
                 let reference = move |m: &[u8], s: &[u8]| {
-                    p256::ecdsa::Signature::from_slice(s).is_ok_and(|s| vk.verify(m, &s).is_ok())
+                    $curve::ecdsa::Signature::from_slice(s).is_ok_and(|s| vk.verify(m, &s).is_ok())
                 };
-                (
+                let signed: Signed = (
                     point.x().unwrap().to_vec(),
                     point.y().unwrap().to_vec(),
                     sig.to_bytes().to_vec(),
                     Box::new(reference),
-                )
-            }
-            _ => {
-                use p384::ecdsa::signature::{Signer, Verifier};
-                let sk = p384::ecdsa::SigningKey::from_slice(&seed).unwrap();
-                let vk = *sk.verifying_key();
-                let sig: p384::ecdsa::Signature = sk.sign(&msg);
-                let point = vk.to_encoded_point(false);
-                let reference = move |m: &[u8], s: &[u8]| {
-                    p384::ecdsa::Signature::from_slice(s).is_ok_and(|s| vk.verify(m, &s).is_ok())
-                };
-                (
-                    point.x().unwrap().to_vec(),
-                    point.y().unwrap().to_vec(),
-                    sig.to_bytes().to_vec(),
-                    Box::new(reference),
-                )
-            }
+                );
+                signed
+            }};
+        }
+        let (x, y, mut sig, reference) = match alg {
+            Alg::Es256 => signed!(p256, &seed[..32]),
+            _ => signed!(p384, &seed),
         };
         match flip {
             Some(bit) if bit % 2 == 0 && !msg.is_empty() => {

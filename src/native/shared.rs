@@ -68,8 +68,6 @@ struct Doc {
     wanted: bool,
     /// The callout under way, and when it is given up on.
     callout: Option<(u64, u64)>,
-    /// When the callout under way started (ms).
-    started_ms: u64,
 }
 
 /// A paused request waiting for a document.
@@ -416,7 +414,8 @@ impl Shared {
             d.callout = None;
             follow_up = d.wanted;
             match &taken {
-                Ok(()) => d.clock.finished(Some(d.started_ms)),
+                // One fetch at a time: the last attempt is this callout's start.
+                Ok(()) => d.clock.finished(Some(d.clock.last_attempt.unwrap_or(now))),
                 Err(why) => {
                     log::error!("{}: refused, keeping what was held: {why}", d.name);
                     d.clock.finished(None);
@@ -577,7 +576,6 @@ impl Doc {
             clock: CacheClock::default(),
             hash: None,
             wanted: false,
-            started_ms: 0,
             callout: None,
         }
     }
@@ -591,7 +589,6 @@ impl Doc {
             ("accept", "application/json"),
         ];
         self.clock.started(now);
-        self.started_ms = now;
         match config.callout(&src.cluster, &headers, b"", src.timeout_ms) {
             Ok(id) => {
                 let until = now.saturating_add(src.timeout_ms).saturating_add(500);
