@@ -147,6 +147,8 @@ PACE_MS = 2
 # native's claim_to_headers fills them from (the rule id is no claim).
 IDENTITY_CLAIMS = {"sub": "x-phi-subject", "client_id": "x-phi-client-id", "scope": "x-phi-scopes"}
 RULE_HEADER = ("x-phi-rule", "patient-read")
+# What every phi-guard side's route becomes: a direct answer, no upstream hop.
+DIRECT_ROUTES = [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]
 # The one access log of the equal-features configuration, the same on every side.
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
@@ -407,9 +409,7 @@ def phi_guard_side(
     log_path = workdir / name / "access.log" if equal else None
     if log_path is not None:
         hcm["access_log"] = access_log(log_path)
-    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
-        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
-    ]
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = DIRECT_ROUTES
     prefix = STATS_PREFIX[build] + "phi_guard.token_cache."
     stats = {"hit": f"{prefix}hit", "miss": f"{prefix}miss"}
     cpus = ENVOY_CPU if concurrency == 1 else BOTH_CPUS

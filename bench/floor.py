@@ -56,21 +56,17 @@ def floor_side(name: str, workdir: Path, mode: str) -> b.Side:
     hcm = b._hcm(config)
     log_path = workdir / name / "access.log"
     hcm["access_log"] = b.access_log(log_path)
-    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
-        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
-    ]
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = b.DIRECT_ROUTES
     return b.Side(name, envoy, config, None, log_path)
 
 
-def check_twin_record(side: b.Side, token: str, size: int) -> None:
-    """The twin's stand-in record reaches the access log, as long as asked."""
+def logged_record(side: b.Side, token: str) -> str:
+    """The audit field of the access-log line of one request ("" for none)."""
     side.empty_log()
     b.http_request(side.port, "GET", b.PATH, [("Authorization", f"Bearer {token}")])
     audit = (side.last_log_line() or {}).get("audit")
-    got = 0 if audit in (None, "-") else len(audit)
-    if got != size:
-        raise b.WrongAnswer(f"{side.name}: a {got}-byte record in the access log, not {size}")
     side.empty_log()
+    return "" if audit in (None, "-") else audit
 
 
 def main() -> int:
@@ -80,9 +76,11 @@ def main() -> int:
     parser.add_argument("--parts", action="store_true", help="also price each group of host calls")
     parser.add_argument("--twin", action="append", default=[], help='another twin, e.g. "set*0 remove*0" or "bytes=2"')
     args = parser.parse_args()
-    names = SIDES + tuple(f"twin-{g}" for g in GROUPS if args.parts)
-    specs = {f"twin[{spec}]": spec for spec in args.twin}
-    names += tuple(specs)
+    # Every twin by name, with the words of its mode after "twin N".
+    twins = {"twin": []}
+    twins.update({f"twin-{g}": [f"{g}*{REPEAT}"] for g in GROUPS if args.parts})
+    twins.update({f"twin[{spec}]": spec.split() for spec in args.twin})
+    names = SIDES + tuple(n for n in twins if n != "twin")
     for path, make in ((FLOOR, "make bench-floor"), (b.WASM, "make wasm"), (b.NATIVE, "make native")):
         if not path.exists():
             raise SystemExit(f"{path} is missing: {make}")
@@ -113,23 +111,17 @@ def main() -> int:
                     sides[name].check_token = token
                     kind = {"noauth": "noauth", "empty": "noauth", "native": "native"}.get(name, "phi-guard")
                     b.check_log(sides[name], kind)
-                # The twin writes a record as long as phi-guard's.
-                sides["phi-guard"].empty_log()
-                b.http_request(sides["phi-guard"].port, "GET", b.PATH, [("Authorization", f"Bearer {token}")])
-                record = (sides["phi-guard"].last_log_line() or {}).get("audit") or ""
-                for i, name in enumerate(names):
-                    if name.startswith("twin"):
-                        words = specs[name].split() if name in specs else []
-                        size = next((int(w[6:]) for w in words if w.startswith("bytes=")), len(record))
-                        words = [w for w in words if not w.startswith("bytes=")]
-                        group = name.removeprefix("twin").removeprefix("-")
-                        if group and name not in specs:
-                            words = [f"{group}*{REPEAT}"]
-                        mode = " ".join(["twin", str(size), *words])
-                        sides[name] = floor_side(f"twin{i}", work, mode).start()
-                        sides[name].check_token = token
-                        b.check_log(sides[name], "noauth")
-                        check_twin_record(sides[name], token, 0 if "record*0" in words else size)
+                # A twin writes a record as long as phi-guard's, unless told otherwise.
+                record = logged_record(sides["phi-guard"], token)
+                for i, (name, words) in enumerate(twins.items()):
+                    size = next((int(w[6:]) for w in words if w.startswith("bytes=")), len(record))
+                    words = [w for w in words if not w.startswith("bytes=")]
+                    sides[name] = floor_side(f"twin{i}", work, " ".join(["twin", str(size), *words])).start()
+                    sides[name].check_token = token
+                    b.check_log(sides[name], "noauth")
+                    got, want = len(logged_record(sides[name], token)), 0 if "record*0" in words else size
+                    if got != want:
+                        raise b.WrongAnswer(f"{name}: a {got}-byte record in the access log, not {want}")
                 b.log(f"phi-guard's audit record: {len(record)} bytes; the twin writes as many")
                 for name in names:
                     b.load(sides[name], 1, token_file, lua, f"warm-up {name}")

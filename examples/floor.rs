@@ -90,11 +90,63 @@ mod filter {
         Twin,
     }
 
+    /// How many times each group of calls is made per request (once unless
+    /// the configuration says `GROUP*K`).
+    #[derive(Clone, Copy)]
+    struct Times {
+        pairs: usize,
+        source: usize,
+        tls: usize,
+        time: usize,
+        counters: usize,
+        remove: usize,
+        set: usize,
+        code: usize,
+        record: usize,
+    }
+
+    impl Times {
+        const ONCE: Times = Times {
+            pairs: 1,
+            source: 1,
+            tls: 1,
+            time: 1,
+            counters: 1,
+            remove: 1,
+            set: 1,
+            code: 1,
+            record: 1,
+        };
+
+        /// `GROUP*K` words over `ONCE`; `None` for any other word, so that a
+        /// typo measures nothing rather than the wrong thing.
+        fn parse<'a>(words: impl Iterator<Item = &'a str>) -> Option<Times> {
+            let mut times = Times::ONCE;
+            for word in words {
+                let (group, k) = word.split_once('*')?;
+                let k = k.parse().ok()?;
+                *match group {
+                    "pairs" => &mut times.pairs,
+                    "source" => &mut times.source,
+                    "tls" => &mut times.tls,
+                    "time" => &mut times.time,
+                    "counters" => &mut times.counters,
+                    "remove" => &mut times.remove,
+                    "set" => &mut times.set,
+                    "code" => &mut times.code,
+                    "record" => &mut times.record,
+                    _ => return None,
+                } = k;
+            }
+            Some(times)
+        }
+    }
+
     struct Root {
         mode: Mode,
         record: std::rc::Rc<[u8]>,
         counters: [u32; 2],
-        repeat: std::rc::Rc<Vec<(String, usize)>>,
+        times: Times,
     }
 
     impl Context for Root {}
@@ -107,15 +159,14 @@ mod filter {
             match (words.next(), words.next().map(str::parse::<usize>)) {
                 (Some("empty"), None) if words.next().is_none() => self.mode = Mode::Empty,
                 (Some("twin"), Some(Ok(n))) => {
+                    let Some(times) = Times::parse(words) else {
+                        return false;
+                    };
                     self.mode = Mode::Twin;
+                    self.times = times;
                     // A JSON string the access log prints as it is.
                     let line = format!("\"{}\"", "x".repeat(n.saturating_sub(2)));
                     self.record = line.into_bytes().into();
-                    let repeat = words.filter_map(|w| {
-                        let (group, k) = w.split_once('*')?;
-                        Some((group.to_string(), k.parse().ok()?))
-                    });
-                    self.repeat = std::rc::Rc::new(repeat.collect());
                 }
                 _ => return false,
             }
@@ -135,7 +186,7 @@ mod filter {
                 Mode::Twin => Box::new(Twin {
                     record: self.record.clone(),
                     counters: self.counters,
-                    repeat: self.repeat.clone(),
+                    times: self.times,
                 }),
             })
         }
@@ -152,17 +203,7 @@ mod filter {
     struct Twin {
         record: std::rc::Rc<[u8]>,
         counters: [u32; 2],
-        repeat: std::rc::Rc<Vec<(String, usize)>>,
-    }
-
-    impl Twin {
-        /// How many times to make `group`'s calls (once but when repeated).
-        fn times(&self, group: &str) -> usize {
-            self.repeat
-                .iter()
-                .find(|(g, _)| g == group)
-                .map_or(1, |(_, k)| *k)
-        }
+        times: Times,
     }
 
     impl Context for Twin {}
@@ -174,34 +215,34 @@ mod filter {
             _end: bool,
         ) -> proxy_wasm::types::Action {
             let map = MapType::HttpRequestHeaders as u32;
-            for _ in 0..self.times("pairs") {
+            for _ in 0..self.times.pairs {
                 // SAFETY: the out-pointers are `read`'s locals.
                 read(|d, s| unsafe { proxy_get_header_map_pairs(map, d, s) });
             }
-            for _ in 0..self.times("source") {
+            for _ in 0..self.times.source {
                 property(b"source\0address");
             }
-            for _ in 0..self.times("tls") {
+            for _ in 0..self.times.tls {
                 property(b"connection\0tls_version");
             }
-            for _ in 0..self.times("time") {
+            for _ in 0..self.times.time {
                 let mut now = 0u64;
                 // SAFETY: the host writes one u64 into a local.
                 unsafe { proxy_get_current_time_nanoseconds(&mut now) };
                 std::hint::black_box(now);
             }
-            for _ in 0..self.times("counters") {
+            for _ in 0..self.times.counters {
                 for id in self.counters {
                     // SAFETY: plain integers.
                     unsafe { proxy_increment_metric(id, 1) };
                 }
             }
-            for _ in 0..self.times("remove") {
+            for _ in 0..self.times.remove {
                 let name = "authorization";
                 // SAFETY: `name` is live for the call.
                 unsafe { proxy_remove_header_map_value(map, name.as_ptr(), name.len()) };
             }
-            for _ in 0..self.times("set") {
+            for _ in 0..self.times.set {
                 set_header("x-phi-subject", "patient-app-7f3a9c");
                 set_header("x-phi-client-id", "smart-client-0042");
                 set_header("x-phi-scopes", "patient/Patient.read openid");
@@ -211,11 +252,11 @@ mod filter {
         }
 
         fn on_log(&mut self) {
-            for _ in 0..self.times("code") {
+            for _ in 0..self.times.code {
                 property(b"response\0code");
             }
             let path = b"phi_guard.audit";
-            for _ in 0..self.times("record") {
+            for _ in 0..self.times.record {
                 // SAFETY: both slices are live for the call.
                 unsafe {
                     proxy_set_property(
@@ -234,7 +275,7 @@ mod filter {
             mode: Mode::Empty,
             record: std::rc::Rc::from(Vec::new()),
             counters: [0; 2],
-            repeat: std::rc::Rc::default(),
+            times: Times::ONCE,
         }));
     }}
 }
