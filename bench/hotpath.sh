@@ -38,7 +38,7 @@ count() { # instructions of one run
 }
 printf '%-14s %14s %12s\n' mode "instr/iter" "V8 ns/iter"
 for mode in "${modes[@]}"; do
-  case $mode in verify-*) k=$((n / 20 + 1)) ;; *) k=$n ;; esac
+  case $mode in verify-* | keys-*) k=$((n / 20 + 1)) ;; *) k=$n ;; esac
   base=$(count "$mode" 0)
   full=$(count "$mode" "$k")
   best=

@@ -11,7 +11,9 @@
 //! the header block Envoy hands over, decide, the identity headers, draft,
 //! seal and write the audit record), one of its parts (`headers`, `decide`,
 //! `forward`, `draft`, `seal`), or `verify-ALG` (one signature check, every
-//! cache off; ALG one of rs256 ps256 es256 es384 eddsa). `cached+revocation`
+//! cache off; ALG one of rs256 ps256 es256 es384 eddsa), or `keys-ALG` (a
+//! fresh key set parsed from the JWKS, then its first check of an ALG
+//! signature: what a new key costs before it is warm). `cached+revocation`
 //! and `decide+revocation` are the same with a 100,000-entry revocation list
 //! checked, as `make bench` has it (its cost is the difference). It prints the
 //! nanoseconds per iteration; under callgrind, run it with 0 and with N
@@ -229,12 +231,13 @@ fn main() {
         None => (arg.clone(), None),
     };
     let n: u64 = args.next().map_or(10_000, |s| s.parse().unwrap());
-    let bearer = match mode.strip_prefix("verify-") {
+    let bearer = match mode.strip_prefix("verify-").or(mode.strip_prefix("keys-")) {
         Some(alg) => token(alg),
         None => token("rs256"),
     };
     let block = header_block(bearer);
-    let mut w = World::new(!mode.starts_with("verify-"), revocations);
+    let cold = mode.starts_with("verify-") || mode.starts_with("keys-");
+    let mut w = World::new(!cold, revocations);
     // Warm: the token is cached and every lazy table built.
     let read = read_headers(&w.policy, &block);
     let (rule_at, verified) = allowed(&w.decide(&read));
@@ -277,6 +280,12 @@ fn main() {
             m if m.starts_with("verify-") => {
                 let keys = &w.keys;
                 let v = token::verify(&w.policy, &|_| Some(keys), black_box(bearer), NOW);
+                assert!(v.is_ok(), "{m}: {:?}", v.err());
+            }
+            m if m.starts_with("keys-") => {
+                let algs = &w.policy.providers[0].algorithms;
+                let keys = KeySet::parse(black_box(JWKS.as_bytes()), algs).unwrap();
+                let v = token::verify(&w.policy, &|_| Some(&keys), black_box(bearer), NOW);
                 assert!(v.is_ok(), "{m}: {:?}", v.err());
             }
             other => panic!("unknown mode {other}"),
